@@ -1,0 +1,87 @@
+"""Command-line flags for Megatron's `extra_args_provider`, and Megatron args -> MoEExtConfig.
+
+Usage with Megatron-LM's flow:
+
+    args = parse_and_validate_args(extra_args_provider=add_moe_ext_args)
+    ext_cfg = moe_ext_config_from_args(args)   # exits with one sentence on a bad combination
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Optional
+
+from megatron_moe_ext.config import ROUTER_POLICIES, MoEExtConfig, MoEExtConfigError
+
+# args attribute -> MoEExtConfig field, for the fields whose flag is not `--moe-<field>`.
+_ATTR_FOR_FIELD = {
+    "router_policy": "moe_router_policy",
+    "ranks_per_node": "moe_ranks_per_node",
+    "ext_metrics": "moe_ext_metrics",
+    "ext_metrics_bytes_per_element": "moe_ext_metrics_bytes_per_element",
+    "save_routing_trace": "save_routing_trace",
+    "routing_trace_interval": "routing_trace_interval",
+    "routing_trace_max_tokens": "routing_trace_max_tokens",
+}
+
+
+def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the plugin's flags to `parser` (Megatron's `extra_args_provider` signature)."""
+    d = MoEExtConfig.__dataclass_fields__
+    g = parser.add_argument_group(title="megatron-moe-ext")
+    g.add_argument("--moe-router-policy", choices=ROUTER_POLICIES, default=d["router_policy"].default,
+                   help="Routing policy of every MoE layer: topk (Megatron's TopKRouter), c2r "
+                        "(collaboration-constrained), locmoe, locmoe-plus (locality-aware).")
+    g.add_argument("--moe-ranks-per-node", type=int, default=None,
+                   help="GPUs per node, for inter-node accounting and locality "
+                        "(default: LOCAL_WORLD_SIZE from the launcher).")
+    g.add_argument("--moe-ext-metrics", action=argparse.BooleanOptionalAction,
+                   default=d["ext_metrics"].default,
+                   help="Log moe_ext/* metrics: all-to-all rows and bytes per token (remote, "
+                        "inter-node), distinct destination ranks, per-expert load and its CV.")
+    g.add_argument("--moe-ext-metrics-bytes-per-element", type=int,
+                   default=d["ext_metrics_bytes_per_element"].default,
+                   help="Bytes per element of dispatched activations for the byte counts (2 = bf16).")
+    g.add_argument("--save-routing-trace", type=str, default=None, metavar="DIR",
+                   help="Write the router logits of every MoE layer to DIR (routing_trace_*.pt) "
+                        "for `megatron-moe-ext comm-volume --trace`.")
+    g.add_argument("--routing-trace-interval", type=int, default=d["routing_trace_interval"].default,
+                   help="Record a routing trace every N iterations (0: only at the last iteration).")
+    g.add_argument("--routing-trace-max-tokens", type=int,
+                   default=d["routing_trace_max_tokens"].default,
+                   help="Keep at most this many tokens per layer in each recorded trace.")
+    return parser
+
+
+def moe_ext_config_from_args(args: argparse.Namespace, *, exit_on_error: bool = True
+                             ) -> MoEExtConfig:
+    """Build and validate the plugin config from Megatron's parsed args.
+
+    On an invalid option this prints one sentence naming the flag and exits with status 2, as
+    argparse does, unless `exit_on_error=False`, in which case MoEExtConfigError propagates.
+    """
+    kwargs = {}
+    for f in dataclasses.fields(MoEExtConfig):
+        attr = _ATTR_FOR_FIELD.get(f.name, "moe_" + f.name)
+        if hasattr(args, attr):
+            kwargs[f.name] = getattr(args, attr)
+    try:
+        cfg = MoEExtConfig(**kwargs)
+        cfg.validate_with_megatron(
+            num_experts=getattr(args, "num_experts", None),
+            topk=getattr(args, "moe_router_topk", 2),
+            ep_size=getattr(args, "expert_model_parallel_size", 1),
+            world_size=getattr(args, "world_size", 1),
+        )
+    except MoEExtConfigError as e:
+        if not exit_on_error:
+            raise
+        _exit_with(str(e))
+    return cfg
+
+
+def _exit_with(message: str, prog: Optional[str] = None) -> None:
+    print(f"{prog or 'megatron-moe-ext'}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,277 @@
+"""Run the real Megatron-Core 0.19 classes on CPU with the gloo backend.
+
+Megatron-Core assumes CUDA in many small places (the list, with file:line, is in section 6 of the
+extension map): `torch.cuda.current_device()` used as a device, streams and events in the
+all-to-all dispatcher, split sizes left as tensors on CPU, `device="cuda"` in the default causal
+mask and throughout `megatron.training`, the CUDA RNG tracker, and an unguarded `triton` import.
+
+`enable_cpu_compat()` makes those work on a CPU-only machine so tests and the CPU quickstart run
+Megatron's own MoELayer, GPTModel and the whole `pretrain()` loop (EP=2 over 2 gloo ranks
+included) instead of a re-implementation. It is explicit and refuses to run where CUDA is usable:
+on a GPU machine nothing here is ever active.
+
+What it does, in two layers:
+  * `torch.cuda` stand-ins: streams/events become no-ops, `current_device()` reports the CPU,
+    `device_count()` reports 1 (Megatron skips model-parallel initialisation with 0 devices), RNG
+    state functions use the CPU generator, memory statistics read 0.
+  * a `TorchFunctionMode` that rewrites every `device="cuda"`, `.cuda()` and `.to("cuda")` to the
+    CPU: `megatron.training`, the optimizer and DDP do this about a hundred times.
+  * targeted fixes: the all-to-all split sizes (lists, not tensors), the triton-only paged-stash
+    module, the dataset-helper compile step and the JIT fusion options.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+_CPU = torch.device("cpu")
+
+
+class CpuCompatError(RuntimeError):
+    """Raised when the CPU compatibility layer is asked for where it must not run."""
+
+
+def cpu_compat_enabled() -> bool:
+    """True once `enable_cpu_compat()` ran in this process."""
+    return _ENABLED
+
+
+def enable_cpu_compat() -> None:
+    """Make Megatron-Core 0.19's CUDA assumptions work on a CPU-only process. Idempotent.
+
+    Call before importing `megatron` (the triton stub must be in place first); calling later still
+    works for everything but the stub. Raises CpuCompatError when CUDA is available, because every
+    patch here would silently move GPU work to the CPU.
+    """
+    global _ENABLED
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        raise CpuCompatError(
+            "enable_cpu_compat() is for CPU-only machines; CUDA is available here, so run Megatron "
+            "on the GPU without the compatibility layer."
+        )
+    _stub_paged_stash_if_no_triton()
+    _patch_torch_cuda()
+    _patch_all_to_all_splits()
+    _DeviceToCpuMode().__enter__()  # stays pushed for the life of the process
+    _ENABLED = True
+    _patch_megatron_modules()
+
+
+# --------------------------------------------------------------------------------------------
+# torch.cuda stand-ins
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream/Event: CPU work is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.device = _CPU
+
+    def wait_stream(self, *a: Any, **k: Any) -> None: ...
+    def wait_event(self, *a: Any, **k: Any) -> None: ...
+    def record_event(self, event: Any = None) -> "_NoOpStream":
+        return event or _NoOpStream()
+    def record(self, *a: Any, **k: Any) -> None: ...
+    def synchronize(self) -> None: ...
+    def query(self) -> bool:
+        return True
+    def wait(self, *a: Any, **k: Any) -> None: ...
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+    def __enter__(self) -> "_NoOpStream":
+        return self
+    def __exit__(self, *exc: Any) -> None: ...
+
+
+class _NoOpEvent(_NoOpStream):
+    """A distinct class: torch._dynamo's rule map rejects one object under two torch.cuda names."""
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _fresh(fn):
+    """A new function object per patched name, for the same reason as _NoOpEvent."""
+    return lambda *args, **kwargs: fn(*args, **kwargs)
+
+
+def _patch_torch_cuda() -> None:
+    c = torch.cuda
+    c.Stream = _NoOpStream
+    c.Event = _NoOpEvent
+    c.current_stream = lambda *a, **k: _NoOpStream()
+    c.default_stream = lambda *a, **k: _NoOpStream()
+    c.stream = lambda *a, **k: _NoOpStream()
+    for name in ("set_stream", "synchronize", "empty_cache", "set_device",
+                 "reset_peak_memory_stats", "reset_max_memory_allocated"):
+        setattr(c, name, _fresh(_noop))
+    c.current_device = lambda: _CPU
+    # Megatron skips model-parallel initialisation when it sees no device.
+    c.device_count = lambda: 1
+    c.is_initialized = lambda: True
+    c.is_current_stream_capturing = lambda: False
+    # The CUDA RNG state becomes the CPU generator's: checkpoints then round-trip it.
+    c.get_rng_state = lambda device=None: torch.get_rng_state()
+    c.set_rng_state = lambda state, device=None: torch.set_rng_state(state)
+    c.get_rng_state_all = lambda: [torch.get_rng_state()]
+    c.set_rng_state_all = lambda states: torch.set_rng_state(states[0])
+    c.manual_seed = lambda seed: torch.manual_seed(seed)
+    c.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
+                 "max_memory_reserved", "device_memory_used"):
+        setattr(c, name, _fresh(lambda *a, **k: 0))
+    c.memory_stats = lambda *a, **k: {}
+    c.get_device_name = lambda *a, **k: "cpu"
+    c.get_device_capability = lambda *a, **k: (0, 0)
+    torch.Tensor.record_stream = lambda self, stream: None
+
+
+def _patch_all_to_all_splits() -> None:
+    """On CPU the dispatcher's split sizes stay tensors (its DtoH copy runs only for CUDA
+    tensors); `all_to_all_single` needs lists."""
+    dist = torch.distributed
+    original = dist.all_to_all_single
+    if getattr(original, "_moe_ext_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
+                          *args, **kwargs):
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return original(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    all_to_all_single._moe_ext_wrapped = True
+    dist.all_to_all_single = all_to_all_single
+
+
+# --------------------------------------------------------------------------------------------
+# device rewriting
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # Bare ints mean CUDA ordinals for `device=` arguments.
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class _DeviceToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments, `.cuda()` and `.to("cuda")` to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs = {**kwargs, "device": _CPU}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        if "pin_memory" in kwargs:
+            kwargs = {**kwargs, "pin_memory": False}
+        return func(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# targeted fixes inside megatron
+
+
+def _stub_paged_stash_if_no_triton() -> None:
+    """`moe/ops/paged_stash.py` imports triton unguarded and is reached from `megatron.core`'s
+    import chain; CPU torch wheels ship no triton. Stubbing triton itself breaks torch.compile,
+    so stub only that module (its kernels are used only by the CUDA paged-stash feature)."""
+    try:
+        import triton  # noqa: F401
+        return
+    except ImportError:
+        pass
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name in sys.modules:
+        return
+    stub = types.ModuleType(name)
+    stub.GLOBAL_BLOCK_SIZE = 1024
+
+    def _unavailable(*a: Any, **k: Any) -> None:
+        raise RuntimeError("--moe-paged-stash needs triton and CUDA; it is unavailable on CPU.")
+
+    stub.paged_stash_copy_kernel = _unavailable
+    stub.paged_stash_pop_kernel = _unavailable
+    sys.modules[name] = stub
+
+
+def _patch_megatron_modules() -> None:
+    """Patches on megatron modules; safe to call whether or not megatron.training is used."""
+    from megatron.core.datasets import utils as dataset_utils
+
+    # The wheel ships the compiled dataset helper and no Makefile.
+    dataset_utils.compile_helpers = _fresh(_noop)
+    try:
+        from megatron.training import initialize as mt_init
+        from megatron.training import training as mt_training
+    except ImportError:  # megatron.training needs Python >= 3.12 and its optional deps
+        return
+    mt_init.set_jit_fusion_options = _fresh(_noop)
+    mt_training.set_jit_fusion_options = mt_init.set_jit_fusion_options
+    original_init = mt_init.initialize_megatron
+    if not getattr(original_init, "_moe_ext_wrapped", False):
+        @functools.wraps(original_init)
+        def initialize_megatron(*args: Any, **kwargs: Any):
+            kwargs["allow_no_cuda"] = True
+            return original_init(*args, **kwargs)
+
+        initialize_megatron._moe_ext_wrapped = True
+        mt_init.initialize_megatron = initialize_megatron
+        mt_training.initialize_megatron = initialize_megatron
+
+
+def reset_rng_tracker_for_cpu() -> None:
+    """Local attention forks the model-parallel CUDA RNG on every forward; the inference tracker
+    makes `add`/`fork` no-ops, which is what a CPU run needs (no per-rank CUDA generators)."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+# Megatron's config flags that select CUDA-only fused kernels, off for CPU runs.
+CPU_MEGATRON_FLAGS = [
+    "--transformer-impl", "local",
+    "--no-gradient-accumulation-fusion",
+    "--use-cpu-initialization",
+    "--distributed-backend", "gloo",
+    "--inference-rng-tracker",
+    "--no-bias-swiglu-fusion",
+    "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-masked-softmax-fusion",
+    "--no-persist-layer-norm",
+    "--no-rope-fusion",
+    "--clip-grad", "0.0",  # grad-norm clipping asserts CUDA tensors
+]
+
+# The same for TransformerConfig built directly (tests).
+CPU_TRANSFORMER_CONFIG_KWARGS = dict(
+    use_cpu_initialization=True,
+    moe_permute_fusion=False,
+    moe_router_fusion=False,
+    bias_activation_fusion=False,
+    masked_softmax_fusion=False,
+    bias_dropout_fusion=False,
+    apply_rope_fusion=False,
+    gradient_accumulation_fusion=False,
+    persist_layer_norm=False,
+)

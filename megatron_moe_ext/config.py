@@ -1,0 +1,113 @@
+"""One place for every plugin option: `MoEExtConfig` and its validation.
+
+The dataclass is flat on purpose (MegaBlocks' `Arguments` style): Megatron's argparse namespace is
+flat, the flags map one-to-one onto fields, and a flat object is easy to pickle into checkpoints.
+`args.py` adds the flags and builds this object from Megatron's args; validation lives here so the
+same errors come out whether the config was built from flags, from Python, or from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+ROUTER_POLICIES = ("topk", "c2r", "locmoe", "locmoe-plus")
+# Policies whose implementation has landed. The others are accepted by the parser (so that
+# `--help` shows the whole surface) and rejected by validation with "not yet implemented".
+IMPLEMENTED_ROUTER_POLICIES = ("topk",)
+
+
+class MoEExtConfigError(ValueError):
+    """An invalid plugin option or combination; the message is one sentence naming the flag."""
+
+
+@dataclass
+class MoEExtConfig:
+    """Plugin options. Field `x_y` is the command-line flag `--moe-x-y` unless noted.
+
+    Megatron's own MoE options (`--num-experts`, `--moe-router-topk`, ...) stay in Megatron's
+    `TransformerConfig`; this holds only what the plugin adds.
+    """
+
+    router_policy: str = "topk"
+    """--moe-router-policy: how each token picks its experts."""
+
+    ranks_per_node: Optional[int] = None
+    """--moe-ranks-per-node: GPUs per node, for inter-node accounting and locality (None: the
+    launcher's LOCAL_WORLD_SIZE, or 1 when unknown)."""
+
+    ext_metrics: bool = True
+    """--moe-ext-metrics / --no-moe-ext-metrics: log moe_ext/* communication and load metrics."""
+
+    ext_metrics_bytes_per_element: int = 2
+    """--moe-ext-metrics-bytes-per-element: element size of dispatched activations (2 for bf16)."""
+
+    save_routing_trace: Optional[str] = None
+    """--save-routing-trace DIR: write each MoE layer's router logits, for `comm-volume --trace`."""
+
+    routing_trace_interval: int = 0
+    """--routing-trace-interval N: record a trace every N iterations (0: only the last one)."""
+
+    routing_trace_max_tokens: int = 4096
+    """--routing-trace-max-tokens: cap on tokens kept per layer and recorded step."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def resolved_ranks_per_node(self, world_size: Optional[int] = None) -> int:
+        """Ranks per node, falling back to the launcher's LOCAL_WORLD_SIZE, then to the world size."""
+        if self.ranks_per_node is not None:
+            return self.ranks_per_node
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        if local is not None:
+            return int(local)
+        return world_size or 1
+
+    def validate(self) -> None:
+        """Raise MoEExtConfigError on the first invalid option; checks need nothing but this object."""
+        if self.router_policy not in ROUTER_POLICIES:
+            raise MoEExtConfigError(
+                f"--moe-router-policy {self.router_policy!r} is unknown; "
+                f"choose one of {', '.join(ROUTER_POLICIES)}."
+            )
+        if self.router_policy not in IMPLEMENTED_ROUTER_POLICIES:
+            raise MoEExtConfigError(
+                f"--moe-router-policy {self.router_policy} is not yet implemented in this version; "
+                f"use --moe-router-policy topk."
+            )
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise MoEExtConfigError(
+                f"--moe-ranks-per-node must be a positive number of ranks, got {self.ranks_per_node}."
+            )
+        if self.ext_metrics_bytes_per_element not in (1, 2, 4):
+            raise MoEExtConfigError(
+                "--moe-ext-metrics-bytes-per-element must be 1 (fp8), 2 (bf16/fp16) or 4 (fp32), "
+                f"got {self.ext_metrics_bytes_per_element}."
+            )
+        if self.routing_trace_interval < 0:
+            raise MoEExtConfigError("--routing-trace-interval must be >= 0.")
+        if self.routing_trace_max_tokens < 1:
+            raise MoEExtConfigError("--routing-trace-max-tokens must be >= 1.")
+        if (self.routing_trace_interval or self.routing_trace_max_tokens != 4096) and not self.save_routing_trace:
+            raise MoEExtConfigError(
+                "--routing-trace-interval and --routing-trace-max-tokens need --save-routing-trace DIR."
+            )
+
+    def validate_with_megatron(self, *, num_experts: Optional[int], topk: int, ep_size: int,
+                               world_size: int) -> None:
+        """Checks that need Megatron's own settings (expert count, EP size, world size)."""
+        rpn = self.resolved_ranks_per_node(world_size)
+        if self.ranks_per_node is not None and ep_size % rpn != 0 and rpn % ep_size != 0:
+            raise MoEExtConfigError(
+                f"--moe-ranks-per-node {rpn} and --expert-model-parallel-size {ep_size} do not tile: "
+                "one must divide the other so that EP ranks map onto whole nodes."
+            )
+        if num_experts is None and self.router_policy != "topk":
+            raise MoEExtConfigError(
+                f"--moe-router-policy {self.router_policy} needs an MoE model; set --num-experts."
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

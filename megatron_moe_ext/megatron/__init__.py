@@ -1,0 +1,1 @@
+"""Thin adapters onto Megatron-Core classes (the only place coupled to its version, with compat/)."""

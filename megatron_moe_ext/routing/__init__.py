@@ -1,0 +1,1 @@
+"""Routing math in pure torch: no Megatron import anywhere in this package."""

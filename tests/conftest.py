@@ -1,0 +1,45 @@
+"""Shared pytest helpers: launching tests/dist scripts under torchrun with gloo ranks on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DIST_DIR = Path(__file__).parent / "dist"
+
+
+def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run tests/dist/<script> on `nproc` gloo ranks; fail the test with the output on error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(DIST_DIR), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port()), str(DIST_DIR / script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def torchrun_json(tmp_path):
+    """Call as torchrun_json(script, nproc, *args): runs it with OUT.json first, returns the dict."""
+
+    def _run(script: str, nproc: int, *args: str, timeout: int = 600) -> dict:
+        out = tmp_path / f"{Path(script).stem}_{nproc}.json"
+        run_torchrun(script, nproc, str(out), *args, timeout=timeout)
+        return json.loads(out.read_text())
+
+    return _run
