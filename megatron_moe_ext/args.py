@@ -21,6 +21,7 @@ _ATTR_FOR_FIELD = {
     "ranks_per_node": "moe_ranks_per_node",
     "ext_metrics": "moe_ext_metrics",
     "ext_metrics_bytes_per_element": "moe_ext_metrics_bytes_per_element",
+    "run_log": "moe_ext_run_log",
     "save_routing_trace": "save_routing_trace",
     "routing_trace_interval": "routing_trace_interval",
     "routing_trace_max_tokens": "routing_trace_max_tokens",
@@ -44,6 +45,8 @@ def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--moe-ext-metrics-bytes-per-element", type=int,
                    default=d["ext_metrics_bytes_per_element"].default,
                    help="Bytes per element of dispatched activations for the byte counts (2 = bf16).")
+    g.add_argument("--moe-ext-run-log", type=str, default=None, metavar="FILE",
+                   help="Append train/validation losses and moe_ext metrics to FILE as JSON lines.")
     g.add_argument("--save-routing-trace", type=str, default=None, metavar="DIR",
                    help="Write the router logits of every MoE layer to DIR (routing_trace_*.pt) "
                         "for `megatron-moe-ext comm-volume --trace`.")

@@ -44,6 +44,10 @@ class MoEExtConfig:
     ext_metrics_bytes_per_element: int = 2
     """--moe-ext-metrics-bytes-per-element: element size of dispatched activations (2 for bf16)."""
 
+    run_log: Optional[str] = None
+    """--moe-ext-run-log FILE: append train/validation losses and moe_ext metrics as JSON lines
+    (written by the last rank), for plots and summaries without parsing stdout."""
+
     save_routing_trace: Optional[str] = None
     """--save-routing-trace DIR: write each MoE layer's router logits, for `comm-volume --trace`."""
 

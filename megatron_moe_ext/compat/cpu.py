@@ -125,8 +125,10 @@ def _patch_torch_cuda() -> None:
     c.set_rng_state = lambda state, device=None: torch.set_rng_state(state)
     c.get_rng_state_all = lambda: [torch.get_rng_state()]
     c.set_rng_state_all = lambda states: torch.set_rng_state(states[0])
-    c.manual_seed = lambda seed: torch.manual_seed(seed)
-    c.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seeding the CPU generator here
+    # would recurse, and there is no other generator to seed.
+    c.manual_seed = _fresh(_noop)
+    c.manual_seed_all = _fresh(_noop)
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
                  "max_memory_reserved", "device_memory_used"):
         setattr(c, name, _fresh(lambda *a, **k: 0))
@@ -225,6 +227,7 @@ def _patch_megatron_modules() -> None:
         from megatron.training import training as mt_training
     except ImportError:  # megatron.training needs Python >= 3.12 and its optional deps
         return
+    _let_checkpoints_round_trip_cpu_rng()
     mt_init.set_jit_fusion_options = _fresh(_noop)
     mt_training.set_jit_fusion_options = mt_init.set_jit_fusion_options
     original_init = mt_init.initialize_megatron
@@ -237,6 +240,28 @@ def _patch_megatron_modules() -> None:
         initialize_megatron._moe_ext_wrapped = True
         mt_init.initialize_megatron = initialize_megatron
         mt_training.initialize_megatron = initialize_megatron
+
+
+def _let_checkpoints_round_trip_cpu_rng() -> None:
+    """On CPU the inference RNG tracker holds no states (there are no per-rank CUDA generators),
+    and Megatron's checkpoint loader reads an empty tracker as "this checkpoint has no RNG state"
+    and exits. Report one placeholder state so a resume restores the CPU, numpy and Python
+    generators, which Megatron saves beside it, and continues exactly where the run stopped."""
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    original = CudaRNGStatesTracker.get_states
+    if getattr(original, "_moe_ext_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def get_states(self):
+        states = original(self)
+        if not states and getattr(self, "is_inference_rng_tracker", False):
+            states = {"cpu-compat-placeholder": torch.zeros(1, dtype=torch.uint8)}
+        return states
+
+    get_states._moe_ext_wrapped = True
+    CudaRNGStatesTracker.get_states = get_states
 
 
 def reset_rng_tracker_for_cpu() -> None:

@@ -1,0 +1,71 @@
+"""Decoder block specs carrying the plugin's options into Megatron's layers.
+
+Usable two ways:
+  * the plugin's pretrain entry sets `transformer_layer_spec = partial(moe_ext_decoder_block_spec,
+    ext_cfg=...)` on the GPTModelConfig;
+  * from a Megatron-LM checkout: `--spec megatron_moe_ext.megatron.specs moe_ext_decoder_block_spec`
+    (the options are then read from Megatron's global args, which must include the plugin's flags).
+
+The block starts as Megatron's own default for the model (`default_layer_spec`: TE or local,
+MoE placement by `--moe-layer-freq`) and only the MoE layers' submodules are replaced, so every
+other Megatron option keeps its meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec, get_submodules
+
+from megatron_moe_ext.config import MoEExtConfig
+
+
+def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
+                               ext_cfg: Optional[MoEExtConfig] = None) -> ModuleSpec:
+    """Megatron's default block spec for `model_cfg` (a GPTModelConfig), with the plugin's routing
+    policy installed in every MoE layer."""
+    from megatron.training.models.gpt import default_layer_spec
+
+    if ext_cfg is None:
+        from megatron.training import get_args
+
+        from megatron_moe_ext.args import moe_ext_config_from_args
+
+        ext_cfg = moe_ext_config_from_args(get_args())
+    block = default_layer_spec(model_cfg, vp_stage)
+    router_cls = router_class_for(ext_cfg)
+    if router_cls is not None:
+        block = replace_moe_submodules(block, router=router_cls)
+    return block
+
+
+def router_class_for(ext_cfg: MoEExtConfig) -> Optional[type]:
+    """The router class for the configured policy; None keeps Megatron's TopKRouter."""
+    if ext_cfg.router_policy == "topk":
+        return None
+    raise NotImplementedError(f"--moe-router-policy {ext_cfg.router_policy} has no router yet.")
+
+
+def replace_moe_submodules(block: Any, *, layer_cls: Optional[Callable] = None, **submodules: Any) -> Any:
+    """Return `block` (TransformerBlockSubmodules or a layer ModuleSpec) with every MoE layer's
+    MoESubmodules fields replaced by `submodules` (e.g. router=MyRouter) and, if given, the MoE
+    layer class replaced by `layer_cls` (a MoELayer subclass)."""
+    layer_specs = getattr(block, "layer_specs", None)
+    if layer_specs is None:  # a single layer spec
+        return _replace_in_layer(block, layer_cls, submodules)
+    return dataclasses.replace(block, layer_specs=[_replace_in_layer(ls, layer_cls, submodules)
+                                                   for ls in layer_specs])
+
+
+def _replace_in_layer(layer_spec: ModuleSpec, layer_cls, submodules) -> ModuleSpec:
+    mlp = layer_spec.submodules.mlp
+    mlp_cls = mlp.func if isinstance(mlp, functools.partial) else getattr(mlp, "module", None)
+    if not (isinstance(mlp_cls, type) and issubclass(mlp_cls, MoELayer)):
+        return layer_spec
+    moe_subs = dataclasses.replace(get_submodules(mlp), **submodules)
+    new_mlp = functools.partial(layer_cls or mlp_cls, submodules=moe_subs)
+    return dataclasses.replace(
+        layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=new_mlp))

@@ -1,0 +1,132 @@
+"""What the plugin adds to Megatron's training loop without forking it.
+
+* a post-wrap hook on the model config that attaches the `moe_ext/*` metrics recorder to every
+  router of the built model;
+* a wrapper around `megatron.training.training.training_log` (called on every rank once per
+  iteration) that reports those metrics every `--log-interval` iterations and appends the losses to
+  the JSON-lines run log (`--moe-ext-run-log`);
+* wrappers around `evaluate_and_print_results` and `evaluate` that append validation and test
+  losses, with the iteration they belong to, to the run log.
+
+The wrappers call the original function first and change nothing it does or prints.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron_moe_ext.config import MoEExtConfig
+
+_STATE: Dict[str, Any] = {"recorder": None, "ext_cfg": None, "last_time": None, "eval_ctx": None}
+
+
+def install_run_hooks(model_cfg: Any, ext_cfg: MoEExtConfig) -> None:
+    """Register the hooks for one training run (call once, before pretrain())."""
+    from megatron.training import training as mt_training
+
+    _STATE["ext_cfg"] = ext_cfg
+    if ext_cfg.ext_metrics or ext_cfg.save_routing_trace:
+        model_cfg.post_wrap_hooks.append(_attach_recorder)
+    if not getattr(mt_training.training_log, "_moe_ext_wrapped", False):
+        mt_training.training_log = _wrap_training_log(mt_training.training_log)
+        mt_training.evaluate = _wrap_evaluate(mt_training.evaluate)
+        mt_training.evaluate_and_print_results = _wrap_evaluate_and_print(
+            mt_training.evaluate_and_print_results)
+
+
+def _attach_recorder(model):
+    from megatron_moe_ext.megatron.metrics_hook import MoEMetricsRecorder
+
+    ext_cfg = _STATE["ext_cfg"]
+    _STATE["recorder"] = MoEMetricsRecorder.from_config(model, ext_cfg)
+    return model
+
+
+def _is_logging_rank() -> bool:
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def _append_run_log(record: Dict[str, Any]) -> None:
+    path = _STATE["ext_cfg"].run_log if _STATE["ext_cfg"] else None
+    if not path or not _is_logging_rank():
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _scalar(v: Any) -> float:
+    return float(v.item() if isinstance(v, torch.Tensor) else v)
+
+
+def _wrap_training_log(original):
+    @functools.wraps(original)
+    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
+        result = original(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
+        from megatron.training import get_args
+
+        now = time.time()
+        record: Dict[str, Any] = {"kind": "train", "iteration": int(iteration)}
+        record.update({k: _scalar(v) for k, v in loss_dict.items()})
+        if learning_rate is not None:
+            record["lr"] = float(learning_rate)
+        if _STATE["last_time"] is not None:
+            record["seconds"] = now - _STATE["last_time"]
+        _STATE["last_time"] = now
+        recorder = _STATE["recorder"]
+        log_interval = get_args().log_interval or 1
+        if recorder is not None:
+            recorder.on_iteration_end(iteration)
+            if iteration % log_interval == 0:
+                metrics = recorder.report(iteration)  # collective: every rank gets here
+                record.update(metrics)
+                if metrics and _is_logging_rank():
+                    print(" moe_ext | " + " | ".join(
+                        f"{k.removeprefix('moe_ext/')}: {v:.4g}" for k, v in metrics.items()
+                        if "/layer_" not in k), flush=True)
+        _append_run_log(record)
+        return result
+
+    training_log._moe_ext_wrapped = True
+    return training_log
+
+
+def _wrap_evaluate(original):
+    @functools.wraps(original)
+    def evaluate(*args, **kwargs):
+        total_loss_dict, collected, timelimit = original(*args, **kwargs)
+        ctx = _STATE["eval_ctx"]
+        if total_loss_dict and ctx is not None:
+            prefix, iteration = ctx
+            record = {"kind": "test" if "test set" in prefix else "valid",
+                      "iteration": int(iteration)}
+            record.update({k: _scalar(v) for k, v in total_loss_dict.items()})
+            _append_run_log(record)
+        return total_loss_dict, collected, timelimit
+
+    return evaluate
+
+
+def _wrap_evaluate_and_print(original):
+    @functools.wraps(original)
+    def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration,
+                                   *args, **kwargs):
+        _STATE["eval_ctx"] = (prefix, iteration)
+        try:
+            return original(prefix, forward_step_func, data_iterator, model, iteration,
+                            *args, **kwargs)
+        finally:
+            _STATE["eval_ctx"] = None
+
+    return evaluate_and_print_results
+
+
+def current_recorder() -> Optional[Any]:
+    """The metrics recorder of the running training job, if any (for tests and tools)."""
+    return _STATE["recorder"]
