@@ -17,7 +17,6 @@ flags on the command line still win.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from typing import List, Optional
@@ -49,23 +48,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_moe_ext.args import add_moe_ext_args, moe_ext_config_from_args
-    from megatron_moe_ext.megatron.specs import moe_ext_decoder_block_spec
     from megatron_moe_ext.training import gpt_steps
-    from megatron_moe_ext.training.run_hooks import install_run_hooks
+    from megatron_moe_ext.training.plugin import configure_model, extra_args_provider
 
     set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
     # Megatron's parser reads sys.argv.
     sys.argv = [sys.argv[0]] + argv
-    args = parse_and_validate_args(extra_args_provider=add_moe_ext_args,
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider(),
                                    args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
-    ext_cfg = moe_ext_config_from_args(args)
-
     model_cfg = gpt_config_from_args(args)
-    if model_cfg.transformer_layer_spec is None:
-        model_cfg.transformer_layer_spec = functools.partial(moe_ext_decoder_block_spec,
-                                                             ext_cfg=ext_cfg)
-    install_run_hooks(model_cfg, ext_cfg)
+    configure_model(args, model_cfg)
     full_config = pretrain_cfg_container_from_args(args, model_cfg)
 
     gpt_steps.train_valid_test_datasets_provider.is_distributed = True

@@ -1,0 +1,43 @@
+"""The two calls that put the plugin into a Megatron-LM style `pretrain_gpt.py` main block.
+
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider(<yours or None>), ...)
+    model_cfg = gpt_config_from_args(args)
+    configure_model(args, model_cfg)          # validates, installs the spec and run hooks
+    full_config = pretrain_cfg_container_from_args(args, model_cfg)
+
+The plugin's own entry (`pretrain_gpt.py` here) and the patch for Megatron-LM checkouts
+(`patches/`) both use exactly these, so the two stay the same program.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+from megatron_moe_ext.args import add_moe_ext_args, moe_ext_config_from_args
+from megatron_moe_ext.config import MoEExtConfig
+
+
+def extra_args_provider(chain: Optional[Callable] = None) -> Callable:
+    """An `extra_args_provider` adding the plugin's flags after `chain`'s (e.g. ModelOpt's)."""
+
+    def provider(parser):
+        if chain is not None:
+            parser = chain(parser)
+        return add_moe_ext_args(parser)
+
+    return provider
+
+
+def configure_model(args: Any, model_cfg: Any) -> MoEExtConfig:
+    """Validate the plugin's flags (exit with one sentence if invalid), install the plugin's block
+    spec unless `--spec` chose another, and register the run hooks. Returns the config."""
+    from megatron_moe_ext.megatron.specs import moe_ext_decoder_block_spec
+    from megatron_moe_ext.training.run_hooks import install_run_hooks
+
+    ext_cfg = moe_ext_config_from_args(args)
+    if model_cfg.transformer_layer_spec is None:
+        model_cfg.transformer_layer_spec = functools.partial(moe_ext_decoder_block_spec,
+                                                             ext_cfg=ext_cfg)
+    install_run_hooks(model_cfg, ext_cfg)
+    return ext_cfg
