@@ -1,0 +1,75 @@
+"""Plugin flags: every invalid option or combination fails with one sentence naming the flag."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from megatron_moe_ext.args import add_moe_ext_args, moe_ext_config_from_args
+from megatron_moe_ext.config import MoEExtConfig, MoEExtConfigError
+
+
+def _parse(*flags, **megatron):
+    parser = add_moe_ext_args(argparse.ArgumentParser())
+    args = parser.parse_args(list(flags))
+    for k, v in {"num_experts": 8, "moe_router_topk": 2, "expert_model_parallel_size": 2,
+                 "world_size": 2, **megatron}.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_defaults_round_trip_from_flags():
+    cfg = moe_ext_config_from_args(_parse())
+    assert cfg == MoEExtConfig()
+    cfg = moe_ext_config_from_args(_parse("--moe-ranks-per-node", "1", "--no-moe-ext-metrics",
+                                          "--moe-ext-run-log", "x.jsonl"))
+    assert (cfg.ranks_per_node, cfg.ext_metrics, cfg.run_log) == (1, False, "x.jsonl")
+
+
+@pytest.mark.parametrize("flags, megatron, flag_named", [
+    (["--moe-router-policy", "c2r"], {}, "--moe-router-policy"),
+    (["--moe-router-policy", "locmoe"], {}, "--moe-router-policy"),
+    (["--moe-router-policy", "locmoe-plus"], {}, "--moe-router-policy"),
+    (["--moe-ranks-per-node", "0"], {}, "--moe-ranks-per-node"),
+    (["--moe-ranks-per-node", "3"], {"expert_model_parallel_size": 4}, "--moe-ranks-per-node"),
+    (["--moe-ext-metrics-bytes-per-element", "3"], {}, "--moe-ext-metrics-bytes-per-element"),
+    (["--routing-trace-interval", "5"], {}, "--save-routing-trace"),
+    (["--routing-trace-interval", "-1", "--save-routing-trace", "d"], {}, "--routing-trace-interval"),
+])
+def test_invalid_combinations_name_the_flag(flags, megatron, flag_named):
+    with pytest.raises(MoEExtConfigError) as err:
+        moe_ext_config_from_args(_parse(*flags, **megatron), exit_on_error=False)
+    msg = str(err.value)
+    assert flag_named in msg
+    assert msg.count(". ") == 0 and msg.endswith("."), "one sentence"
+
+
+def test_not_yet_implemented_policies_say_so():
+    with pytest.raises(MoEExtConfigError, match="not yet implemented.*--moe-router-policy topk"):
+        MoEExtConfig(router_policy="c2r")
+
+
+def test_ranks_per_node_falls_back_to_launcher(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert MoEExtConfig().resolved_ranks_per_node(world_size=8) == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert MoEExtConfig().resolved_ranks_per_node(world_size=8) == 8
+    assert MoEExtConfig(ranks_per_node=2).resolved_ranks_per_node(world_size=8) == 2
+
+
+def test_pretrain_entry_rejects_bad_flags_before_training(tmp_path):
+    """Through the real entry and Megatron's parser: exit 2 and one line naming the flag."""
+    cmd = [sys.executable, "-m", "megatron_moe_ext.training.pretrain_gpt", "--cpu",
+           "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+           "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "1",
+           "--num-experts", "4", "--moe-router-topk", "2", "--mock-data",
+           "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--train-iters", "1",
+           "--moe-router-policy", "locmoe", "--save", str(tmp_path / "ckpt"), "--save-interval", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "RANK": "0", "WORLD_SIZE": "1",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"})
+    assert proc.returncode == 2
+    err_lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(err_lines) == 1 and "--moe-router-policy locmoe" in err_lines[0]
+    assert not (tmp_path / "ckpt").exists()
