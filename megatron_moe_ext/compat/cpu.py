@@ -16,6 +16,7 @@ What it does, in two layers:
     state functions use the CPU generator, memory statistics read 0.
   * a `TorchFunctionMode` that rewrites every `device="cuda"`, `.cuda()` and `.to("cuda")` to the
     CPU: `megatron.training`, the optimizer and DDP do this about a hundred times.
+  * torch.compile disabled (Megatron's `jit_fuser` helpers then run eagerly);
   * targeted fixes: the all-to-all split sizes (lists, not tensors), the triton-only paged-stash
     module, the dataset-helper compile step and the JIT fusion options.
 """
@@ -59,6 +60,11 @@ def enable_cpu_compat() -> None:
             "on the GPU without the compatibility layer."
         )
     _stub_paged_stash_if_no_triton()
+    # Megatron wraps small helpers in torch.compile (`jit_fuser`); with torch.cuda patched, inductor
+    # picks CUDA codegen and fails, and compiling for the CPU would only add start-up time.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.disable = True
     _patch_torch_cuda()
     _patch_all_to_all_splits()
     _DeviceToCpuMode().__enter__()  # stays pushed for the life of the process
