@@ -15,14 +15,21 @@ import torch
 from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
+    topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
 
 class PolicyRouter(TopKRouter):
-    """A TopKRouter whose expert selection is `select()`. Subclasses implement `select` and may
-    add losses in `extra_losses`; constructor signature as TopKRouter's (MoELayer passes
-    `config`, `pg_collection`, `is_mtp_layer` as keywords)."""
+    """A TopKRouter whose expert selection is replaced.
+
+    Subclasses implement `select_indices` (which experts, from the scores Megatron's own top-k
+    would rank) and get Megatron's probability semantics for free: softmax before or after the
+    top-k, sigmoid/sqrtsoftplus normalisation, the top-k scaling factor, expert bias used for
+    selection only. Policies that also change the probabilities override `select`. Extra losses go
+    in `extra_losses`. Constructor as TopKRouter's (MoELayer passes `config`, `pg_collection`,
+    `is_mtp_layer` as keywords).
+    """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
@@ -31,13 +38,41 @@ class PolicyRouter(TopKRouter):
                 f"--moe-router-load-balancing-type {self.routing_type} selects experts itself and "
                 f"cannot be combined with the plugin's routing policy {type(self).__name__}; use "
                 "aux_loss, seq_aux_loss, global_aux_loss or none.")
+        if config.moe_router_num_groups or config.moe_router_group_topk:
+            raise ValueError(
+                "--moe-router-num-groups/--moe-router-group-topk (group-limited routing) choose "
+                f"experts themselves and cannot be combined with {type(self).__name__}; unset them.")
         # The EP group is not kept by Router; locality- and placement-aware policies need it.
         self.ep_group = getattr(pg_collection, "ep", None) if pg_collection is not None else None
 
-    def select(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Choose experts. logits [T, E] (after z-loss) -> (probs [T, E] float, zero off the
-        selection; routing_map [T, E] bool with exactly `self.topk` True per row)."""
+    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """What Megatron's top-k ranks for this config, [T, E] float32: the logits (softmax after
+        the top-k), the softmax (pre-softmax), or sigmoid/sqrtsoftplus scores plus the expert bias.
+        Any monotone transform would select the same experts; this one keeps ties identical."""
+        fn = self.score_function
+        if fn == "softmax":
+            if self.config.moe_router_pre_softmax:
+                return torch.softmax(logits, dim=-1, dtype=torch.float32)
+            return logits.float()
+        scores = (torch.sigmoid(logits.float()) if fn == "sigmoid"
+                  else torch.nn.functional.softplus(logits.float()).sqrt())
+        if self.expert_bias is not None:
+            scores = scores + self.expert_bias.float()
+        return scores
+
+    def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [T, E] (from `selection_scores`) -> chosen experts [T, topk] (long)."""
         raise NotImplementedError
+
+    def select(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Choose experts. logits [T, E] (after z-loss) -> (probs [T, E], zero off the selection;
+        routing_map [T, E] bool with exactly `self.topk` True per row)."""
+        with torch.no_grad():
+            indices = self.select_indices(self.selection_scores(logits))
+        return topk_routing_with_score_function(
+            logits, self.topk, use_pre_softmax=self.config.moe_router_pre_softmax,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.score_function, precomputed_indices=indices)
 
     def extra_losses(self, probs: torch.Tensor, logits: torch.Tensor,
                      padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
