@@ -26,7 +26,7 @@ def _pretrain(tmp: Path, ckpt: Path, log: Path, *extra: str) -> None:
            # CPU generator at another point than the uninterrupted run does, so masks differ.
            "--hidden-dropout", "0", "--attention-dropout", "0",
            "--save-interval", "5", "--save", str(ckpt), "--load", str(ckpt),
-           "--moe-ext-run-log", str(log), "--no-moe-ext-metrics", *extra]
+           "--moe-ext-run-log", str(log), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -80,21 +80,32 @@ def _wrap_training_log(original):
             record["seconds"] = now - _STATE["last_time"]
         _STATE["last_time"] = now
         recorder = _STATE["recorder"]
-        log_interval = get_args().log_interval or 1
+        margs = get_args()
         if recorder is not None:
-            recorder.on_iteration_end(iteration)
-            if iteration % log_interval == 0:
+            _handle_traces(recorder, iteration, margs)
+            if iteration % (margs.log_interval or 1) == 0:
                 metrics = recorder.report(iteration)  # collective: every rank gets here
                 record.update(metrics)
                 if metrics and _is_logging_rank():
                     print(" moe_ext | " + " | ".join(
                         f"{k.removeprefix('moe_ext/')}: {v:.4g}" for k, v in metrics.items()
-                        if "/layer_" not in k), flush=True)
+                        if isinstance(v, float) and "/layer_" not in k), flush=True)
         _append_run_log(record)
         return result
 
     training_log._moe_ext_wrapped = True
     return training_log
+
+
+def _handle_traces(recorder, iteration: int, margs) -> None:
+    """Save the trace recorded during `iteration`, and arm the next one if it is due."""
+    saved = recorder.save_armed_trace(iteration)
+    if saved and _is_logging_rank():
+        print(f" moe_ext | routing trace of iteration {iteration} written beside {saved}", flush=True)
+    interval = _STATE["ext_cfg"].routing_trace_interval
+    nxt = iteration + 1
+    if (nxt % interval == 0) if interval else (nxt == margs.train_iters):
+        recorder.arm_trace()
 
 
 def _wrap_evaluate(original):

@@ -1,0 +1,142 @@
+"""Training-time `moe_ext/*` metrics and routing traces, from forward hooks on Megatron's routers.
+
+Every TopKRouter (subclasses included) gets a forward hook that adds `metrics.dispatch_counts` of
+its routing map to a per-layer sum on the device: no host sync in the step. `report()` reduces the
+sums of all layers over all ranks in one all-reduce (every rank must call it, as the run hooks do
+from `training_log`), logs them to Megatron's TensorBoard/W&B writers under `moe_ext/...` and
+returns them. Routing traces store the router logits of armed iterations (`--save-routing-trace`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_moe_ext.config import MoEExtConfig
+from megatron_moe_ext.metrics import NUM_FIELDS, dispatch_counts, volume_from_counts
+from megatron_moe_ext.routing.trace import save_trace, trace_path
+
+_SCALARS = ("rows_per_token", "remote_rows_per_token", "inter_node_rows_per_token",
+            "distinct_ranks_per_token", "bytes_per_token", "inter_node_bytes_per_token", "load_cv")
+
+
+class MoEMetricsRecorder:
+    """Accumulates dispatch/load counts of every router in `model` (a list of model chunks)."""
+
+    def __init__(self, model: List[torch.nn.Module], *, dedup: bool, ep_ranks_per_node: int,
+                 bytes_per_element: int = 2, trace_dir: Optional[str] = None,
+                 trace_max_tokens: int = 4096) -> None:
+        self.routers = [m for chunk in model for m in chunk.modules() if isinstance(m, TopKRouter)]
+        self.dedup = dedup
+        self.ep_ranks_per_node = ep_ranks_per_node
+        self.bytes_per_element = bytes_per_element
+        self.trace_dir = trace_dir
+        self.trace_max_tokens = trace_max_tokens
+        self._trace_armed = False
+        self._trace: Dict[int, torch.Tensor] = {}
+        if not self.routers:
+            self.num_experts = self.num_layers = 0
+            return
+        cfg = self.routers[0].config
+        self.num_experts = cfg.num_moe_experts
+        self.topk = cfg.moe_router_topk
+        self.hidden_size = cfg.hidden_size
+        # One row per layer number, so that pipeline stages holding different layers can reduce
+        # one tensor of the same shape.
+        self.num_layers = cfg.num_layers + (getattr(cfg, "mtp_num_layers", None) or 0)
+        self.ep_size = parallel_state.get_expert_model_parallel_world_size()
+        self.ep_rank = parallel_state.get_expert_model_parallel_rank()
+        device = self.routers[0].weight.device
+        self._sums = torch.zeros(self.num_layers + 1, NUM_FIELDS + self.num_experts,
+                                 dtype=torch.float64, device=device)
+        for router in self.routers:
+            router.register_forward_hook(self._hook)
+
+    @classmethod
+    def from_config(cls, model, ext_cfg: MoEExtConfig) -> "MoEMetricsRecorder":
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        # Ranks per node count GPUs; EP ranks are TP-strided global ranks.
+        ep_rpn = max(1, ext_cfg.resolved_ranks_per_node(world) // max(1, tp))
+        return cls(model, dedup=getattr(ext_cfg, "dedup_dispatch", False), ep_ranks_per_node=ep_rpn,
+                   bytes_per_element=ext_cfg.ext_metrics_bytes_per_element,
+                   trace_dir=ext_cfg.save_routing_trace,
+                   trace_max_tokens=ext_cfg.routing_trace_max_tokens)
+
+    def _hook(self, router: TopKRouter, inputs, output) -> None:
+        if not (router.training and torch.is_grad_enabled()):
+            return  # evaluation batches are not training traffic
+        _, routing_map = output
+        layer = router.layer_number or 0
+        with torch.no_grad():
+            self._sums[layer] += dispatch_counts(
+                routing_map, ep_size=self.ep_size, ep_ranks_per_node=self.ep_ranks_per_node,
+                src_ep_rank=self.ep_rank)
+            if self._trace_armed:
+                hidden = inputs[0]
+                logits = router.gating(hidden.reshape(-1, hidden.shape[-1]))
+                self._trace[layer] = logits[: self.trace_max_tokens].float().cpu()
+
+    def arm_trace(self) -> None:
+        """Record router logits during the next training iteration."""
+        self._trace_armed = self.trace_dir is not None
+
+    def save_armed_trace(self, iteration: int) -> Optional[str]:
+        """Write the logits recorded since `arm_trace()` and disarm; returns the file written."""
+        if not self._trace_armed:
+            return None
+        self._trace_armed = False
+        layers, self._trace = self._trace, {}
+        if not layers:
+            return None
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        path = save_trace(trace_path(self.trace_dir, iteration, rank), layers,
+                          iteration=iteration, num_experts=self.num_experts, topk=self.topk,
+                          ep_size=self.ep_size, ep_rank=self.ep_rank,
+                          ep_ranks_per_node=self.ep_ranks_per_node)
+        return str(path)
+
+    def report(self, iteration: int) -> Dict[str, object]:
+        """Reduce, log and reset. Collective over the default group: call on every rank.
+
+        Returns `moe_ext/<metric>` over all MoE layers and `moe_ext/layer_<n>/<metric>` per
+        layer (scalars), plus `moe_ext/expert_load` lists (per layer) for plots."""
+        if self.num_layers == 0:
+            return {}
+        sums = self._sums.clone()
+        self._sums.zero_()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        out: Dict[str, object] = {}
+        layers = [i for i in range(sums.shape[0]) if sums[i, 0] > 0]
+        if not layers:
+            return out
+        kw = dict(dedup=self.dedup, hidden_size=self.hidden_size,
+                  bytes_per_element=self.bytes_per_element)
+        total = volume_from_counts(sums[layers].sum(0), **kw)
+        out.update({f"moe_ext/{k}": getattr(total, k) for k in _SCALARS})
+        out["moe_ext/tokens"] = total.tokens / len(layers)
+        for i in layers:
+            v = volume_from_counts(sums[i], **kw)
+            out.update({f"moe_ext/layer_{i}/{k}": getattr(v, k) for k in _SCALARS})
+            out[f"moe_ext/layer_{i}/expert_load"] = v.expert_load
+        self._write(out, iteration)
+        return out
+
+    @staticmethod
+    def _write(out: Dict[str, object], iteration: int) -> None:
+        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+
+        scalars = {k: float(v) for k, v in out.items()
+                   if isinstance(v, (int, float)) and math.isfinite(v)}
+        writer = get_tensorboard_writer()
+        if writer is not None:
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, iteration)
+        wandb = get_wandb_writer()
+        if wandb is not None:
+            wandb.log(scalars, iteration)

@@ -1,0 +1,86 @@
+"""Routing traces: router logits recorded during training, for offline `comm-volume --trace`.
+
+One file per (iteration, rank), `routing_trace_iter{N:07d}_rank{R:05d}.pt`, a `torch.save`d dict:
+    schema "megatron-moe-ext/routing-trace", version 1, iteration, num_experts, topk, ep_size,
+    ep_rank, ep_ranks_per_node, layers {layer_number: FloatTensor[T, E] logits on the CPU}.
+Plain tensors and Python values only, so `torch.load(weights_only=True)` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Union
+
+import torch
+
+SCHEMA = "megatron-moe-ext/routing-trace"
+VERSION = 1
+_META = ("iteration", "num_experts", "topk", "ep_size", "ep_rank", "ep_ranks_per_node")
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be used; the message names the file and the problem."""
+
+
+def trace_path(directory: Union[str, Path], iteration: int, rank: int) -> Path:
+    return Path(directory) / f"routing_trace_iter{iteration:07d}_rank{rank:05d}.pt"
+
+
+def save_trace(path: Union[str, Path], layers: Dict[int, torch.Tensor], **meta) -> Path:
+    """Write one rank's logits per layer ({layer_number: [T, E]}) with the metadata in `_META`."""
+    missing = [k for k in _META if k not in meta]
+    if missing:
+        raise ValueError(f"save_trace needs {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"schema": SCHEMA, "version": VERSION, **{k: int(meta[k]) for k in _META},
+                "layers": {int(k): v.detach().float().cpu() for k, v in layers.items()}}, path)
+    return path
+
+
+@dataclass
+class RoutingTrace:
+    """Logits of every recorded token per layer, with the EP rank each token started on."""
+
+    num_experts: int
+    topk: int
+    ep_size: int
+    ep_ranks_per_node: int
+    logits: Dict[int, torch.Tensor]        # layer -> FloatTensor[T, E]
+    src_ep_rank: Dict[int, torch.Tensor]   # layer -> LongTensor[T]
+    files: List[Path]
+
+
+def load_trace(path: Union[str, Path]) -> RoutingTrace:
+    """Read a trace file, or every trace file of a folder (ranks and iterations concatenated)."""
+    path = Path(path)
+    files = sorted(path.glob("routing_trace_*.pt")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise TraceError(f"{path}: no routing trace found (expected routing_trace_*.pt files).")
+    first, logits, src = None, {}, {}
+    for f in files:
+        try:
+            d = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a file that is not a torch save
+            raise TraceError(f"{f}: not a readable routing trace ({type(e).__name__}).") from e
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise TraceError(f"{f}: not a megatron-moe-ext routing trace (schema {d.get('schema') if isinstance(d, dict) else None!r}).")
+        if d.get("version") != VERSION:
+            raise TraceError(f"{f}: routing-trace version {d.get('version')} is not the supported {VERSION}.")
+        if first is None:
+            first = d
+        for k in ("num_experts", "topk", "ep_size", "ep_ranks_per_node"):
+            if d[k] != first[k]:
+                raise TraceError(f"{f}: {k} is {d[k]} but {files[0].name} has {first[k]}; "
+                                 "traces of different runs cannot be combined.")
+        for layer, lg in d["layers"].items():
+            if lg.ndim != 2 or lg.shape[1] != d["num_experts"]:
+                raise TraceError(f"{f}: layer {layer} logits have shape {tuple(lg.shape)}, "
+                                 f"expected [tokens, {d['num_experts']}].")
+            logits.setdefault(layer, []).append(lg)
+            src.setdefault(layer, []).append(torch.full((lg.shape[0],), d["ep_rank"], dtype=torch.long))
+    return RoutingTrace(first["num_experts"], first["topk"], first["ep_size"],
+                        first["ep_ranks_per_node"],
+                        {k: torch.cat(v) for k, v in sorted(logits.items())},
+                        {k: torch.cat(v) for k, v in sorted(src.items())}, files)
