@@ -40,18 +40,39 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _rows(log: Path) -> list:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
 def _train_losses(log: Path) -> dict:
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    return {r["iteration"]: r["lm loss"] for r in rows if r["kind"] == "train"}
+    return {r["iteration"]: r["lm loss"] for r in _rows(log) if r["kind"] == "train"}
 
 
 def test_pretrain_ep2_checkpoint_resume_matches_uninterrupted(tmp_path):
     full_ckpt, full_log = tmp_path / "full", tmp_path / "full.jsonl"
-    _pretrain(tmp_path, full_ckpt, full_log)
+    # Ranks per node 1: the two EP ranks count as two nodes, so remote rows are inter-node rows.
+    _pretrain(tmp_path, full_ckpt, full_log, "--moe-ranks-per-node", "1",
+              "--save-routing-trace", str(tmp_path / "trace"))
     full = _train_losses(full_log)
     assert sorted(full) == list(range(1, 9))
     assert all(v == v and 0 < v < 20 for v in full.values())  # finite, sane
     assert (full_ckpt / "iter_0000005").is_dir() and (full_ckpt / "iter_0000008").is_dir()
+
+    # moe_ext metrics every iteration: the stock dispatcher sends top-k = 2 rows per token.
+    train_rows = [r for r in _rows(full_log) if r["kind"] == "train"]
+    for r in train_rows:
+        assert r["moe_ext/rows_per_token"] == 2.0
+        assert 0 < r["moe_ext/remote_rows_per_token"] < 2.0
+        assert r["moe_ext/inter_node_rows_per_token"] == r["moe_ext/remote_rows_per_token"]
+        assert 1.0 <= r["moe_ext/distinct_ranks_per_token"] <= 2.0
+        assert r["moe_ext/tokens"] == 4 * 64  # global batch x sequence, per layer
+        assert sum(r["moe_ext/layer_1/expert_load"]) == pytest.approx(1.0)
+    # A routing trace of the last iteration from each rank, readable by comm-volume.
+    from megatron_moe_ext.routing.trace import load_trace
+
+    trace = load_trace(tmp_path / "trace")
+    assert len(trace.files) == 2 and set(trace.logits) == {1, 2}
+    assert trace.logits[1].shape == (2 * 2 * 64, 4)  # 2 ranks x micro-batch 2 x seq 64
 
     # Resume from the iteration-5 checkpoint alone.
     resume_ckpt, resume_log = tmp_path / "resume", tmp_path / "resume.jsonl"

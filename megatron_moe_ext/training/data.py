@@ -80,10 +80,11 @@ def prepare_data(output_dir: os.PathLike | str, inputs: Optional[Sequence[os.Pat
     """
     out = Path(output_dir).resolve()
     files = _input_files(inputs)
-    for f in files:
-        if out == f.parent or out in f.parents:
-            raise PrepareDataError(f"--output-dir {out} contains the input {f}; choose another folder "
-                                   "so that the inputs are never touched.")
+    roots = [Path(i).resolve() for i in inputs or []] + files
+    for root in roots:
+        if out == root or root in out.parents or out in root.parents:
+            raise PrepareDataError(f"--output-dir {out} overlaps the input {root}; choose a folder "
+                                   "apart from the inputs so that they are never touched.")
     fingerprint = {"schema": SCHEMA, "version": SCHEMA_VERSION,
                    "inputs": [{"path": str(f), "sha256": _sha256(f)} for f in files],
                    "config": dataclasses.asdict(config)}

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT,
                    help=f"Where data, checkpoints, logs, summary.json and the plot go (default {DEFAULT_OUTPUT}).")
-    p.add_argument("--train-iters", type=int, default=200)
+    p.add_argument("--train-iters", type=int, default=500)
     p.add_argument("--nproc", type=int, default=2,
                    help="Ranks (= expert-parallel size); GPUs if CUDA is available, else gloo CPU ranks.")
     p.add_argument("--experts", type=int, default=8)

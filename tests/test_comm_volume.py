@@ -1,0 +1,77 @@
+"""`megatron-moe-ext comm-volume`: JSON fields, determinism, traces, one-sentence errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_moe_ext.cli import main
+from megatron_moe_ext.routing.trace import save_trace, trace_path
+
+FIELDS = ("policy", "rows_per_token", "remote_rows_per_token", "inter_node_rows_per_token",
+          "distinct_ranks_per_token", "stock_rows_per_token", "stock_remote_rows_per_token",
+          "stock_inter_node_rows_per_token")
+
+
+def _json(capsys, *argv):
+    assert main(["comm-volume", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_fields_and_expected_values(capsys):
+    out = _json(capsys, "--experts", "64", "--topk", "4", "--ep", "8", "--ranks-per-node", "4",
+                "--tokens", "20000")
+    assert all(f in out for f in FIELDS)
+    assert out["rows_per_token"] == out["stock_rows_per_token"] == 4.0
+    # uniform random top-4 of 64 experts, 8 per rank: remote = 4 * 7/8, inter-node = 4 * 4/8,
+    # distinct ranks = 8 * (1 - C(56,4)/C(64,4)) = 3.3757
+    assert out["remote_rows_per_token"] == pytest.approx(3.5, abs=0.03)
+    assert out["inter_node_rows_per_token"] == pytest.approx(2.0, abs=0.03)
+    assert out["distinct_ranks_per_token"] == pytest.approx(3.3757, abs=0.03)
+
+
+def test_dedup_sends_one_row_per_rank_and_is_deterministic(capsys):
+    a = _json(capsys, "--experts", "16", "--topk", "4", "--ep", "4", "--dedup", "--seed", "3")
+    b = _json(capsys, "--experts", "16", "--topk", "4", "--ep", "4", "--dedup", "--seed", "3")
+    assert a == b
+    assert a["rows_per_token"] == a["distinct_ranks_per_token"] < a["stock_rows_per_token"] == 4
+
+
+def test_subprocess_prints_one_json_object():
+    proc = subprocess.run([sys.executable, "-m", "megatron_moe_ext.cli", "comm-volume", "--experts",
+                           "8", "--topk", "2", "--ep", "2", "--tokens", "1000", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(f in json.loads(proc.stdout) for f in FIELDS)
+
+
+def test_trace_round_trip(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    for rank in (0, 1):
+        logits = torch.randn(100, 8, generator=g)
+        logits[:, rank * 4:(rank + 1) * 4] += 10.0  # every token prefers its own rank's experts
+        save_trace(trace_path(tmp_path, 5, rank), {1: logits, 2: logits.clone()}, iteration=5,
+                   num_experts=8, topk=2, ep_size=2, ep_rank=rank, ep_ranks_per_node=1)
+    out = _json(capsys, "--trace", str(tmp_path))
+    assert out["tokens"] == 400 and set(out["layers"]) == {"1", "2"}
+    assert out["remote_rows_per_token"] == 0.0 and out["distinct_ranks_per_token"] == 1.0
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--experts", "60", "--ep", "8"], "--experts"),
+    (["--experts", "8", "--topk", "9", "--ep", "2"], "--topk"),
+    (["--experts", "64", "--ep", "8", "--ranks-per-node", "3"], "--ranks-per-node"),
+])
+def test_bad_flags_fail_with_one_sentence(capsys, argv, flag):
+    assert main(["comm-volume", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and flag in err
+
+
+def test_not_a_trace_is_named(tmp_path, capsys):
+    bad = tmp_path / "routing_trace_x.pt"
+    torch.save({"hello": 1}, bad)
+    assert main(["comm-volume", "--trace", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
