@@ -23,6 +23,11 @@ _ATTR_FOR_FIELD = {
     "ext_metrics_bytes_per_element": "moe_ext_metrics_bytes_per_element",
     "run_log": "moe_ext_run_log",
     "save_routing_trace": "save_routing_trace",
+    "c2r_top_t": "moe_c2r_top_t",
+    "c2r_plan": "moe_c2r_plan",
+    "c2r_warmup_steps": "moe_c2r_warmup_steps",
+    "profile_collaboration": "moe_profile_collaboration",
+    "dedup_dispatch": "moe_dedup_dispatch",
     "routing_trace_interval": "routing_trace_interval",
     "routing_trace_max_tokens": "routing_trace_max_tokens",
 }
@@ -55,6 +60,19 @@ def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--routing-trace-max-tokens", type=int,
                    default=d["routing_trace_max_tokens"].default,
                    help="Keep at most this many tokens per layer in each recorded trace.")
+    g.add_argument("--moe-c2r-top-t", type=int, default=None, metavar="T",
+                   help="C2R: partners per expert among which the k-1 non-top-1 experts are chosen "
+                        "(default: experts per EP rank - 1, which keeps a token on one rank).")
+    g.add_argument("--moe-c2r-plan", type=str, default=None, metavar="PLAN.json",
+                   help="C2R: partner lists from `megatron-moe-ext plan-placement`.")
+    g.add_argument("--moe-c2r-warmup-steps", type=int, default=0, metavar="W",
+                   help="C2R from scratch: plain top-k for W iterations while profiling, then "
+                        "partners among co-resident experts, frozen and checkpointed.")
+    g.add_argument("--moe-profile-collaboration", type=str, default=None, metavar="DIR",
+                   help="Record expert co-activation of every MoE layer and write a collaboration "
+                        "profile to DIR at the end of the run (see `megatron-moe-ext profile`).")
+    g.add_argument("--moe-dedup-dispatch", action="store_true",
+                   help="Send each token once per destination EP rank instead of once per expert.")
     return parser
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 ROUTER_POLICIES = ("topk", "c2r", "locmoe", "locmoe-plus")
 # Policies whose implementation has landed. The others are accepted by the parser (so that
 # `--help` shows the whole surface) and rejected by validation with "not yet implemented".
-IMPLEMENTED_ROUTER_POLICIES = ("topk",)
+IMPLEMENTED_ROUTER_POLICIES = ("topk", "c2r")
 
 
 class MoEExtConfigError(ValueError):
@@ -57,6 +57,25 @@ class MoEExtConfig:
     routing_trace_max_tokens: int = 4096
     """--routing-trace-max-tokens: cap on tokens kept per layer and recorded step."""
 
+    c2r_top_t: Optional[int] = None
+    """--moe-c2r-top-t T: C2R partners per expert (default: experts per EP rank - 1, so a token's
+    experts share its top-1's rank)."""
+
+    c2r_plan: Optional[str] = None
+    """--moe-c2r-plan PLAN.json: partner lists from `megatron-moe-ext plan-placement` (default:
+    co-resident experts first, then the next ranks')."""
+
+    c2r_warmup_steps: int = 0
+    """--moe-c2r-warmup-steps W: train W iterations with plain top-k while profiling, then freeze
+    partner lists among co-resident experts (saved in checkpoints)."""
+
+    profile_collaboration: Optional[str] = None
+    """--moe-profile-collaboration DIR: record every MoE layer's co-activation counts and write a
+    collaboration profile to DIR when the run ends."""
+
+    dedup_dispatch: bool = False
+    """--moe-dedup-dispatch: send each token once per destination EP rank (not per expert)."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -94,6 +113,20 @@ class MoEExtConfig:
             raise MoEExtConfigError("--routing-trace-interval must be >= 0.")
         if self.routing_trace_max_tokens < 1:
             raise MoEExtConfigError("--routing-trace-max-tokens must be >= 1.")
+        c2r_flags = [f for f, v in (("--moe-c2r-top-t", self.c2r_top_t is not None),
+                                    ("--moe-c2r-plan", self.c2r_plan is not None),
+                                    ("--moe-c2r-warmup-steps", self.c2r_warmup_steps != 0)) if v]
+        if c2r_flags and self.router_policy != "c2r":
+            raise MoEExtConfigError(f"{c2r_flags[0]} applies to the C2R router only; add "
+                                    "--moe-router-policy c2r or drop the flag.")
+        if self.c2r_warmup_steps < 0:
+            raise MoEExtConfigError("--moe-c2r-warmup-steps must be >= 0.")
+        if self.c2r_plan and self.c2r_warmup_steps:
+            raise MoEExtConfigError("--moe-c2r-plan and --moe-c2r-warmup-steps both set the partner "
+                                    "lists; use one of them.")
+        if self.dedup_dispatch:
+            raise MoEExtConfigError("--moe-dedup-dispatch is not yet implemented in this version; "
+                                    "drop the flag.")
         if (self.routing_trace_interval or self.routing_trace_max_tokens != 4096) and not self.save_routing_trace:
             raise MoEExtConfigError(
                 "--routing-trace-interval and --routing-trace-max-tokens need --save-routing-trace DIR."
@@ -112,6 +145,38 @@ class MoEExtConfig:
             raise MoEExtConfigError(
                 f"--moe-router-policy {self.router_policy} needs an MoE model; set --num-experts."
             )
+        if self.router_policy == "c2r":
+            self._validate_c2r(num_experts, topk, ep_size)
+
+    def c2r_resolved_top_t(self, num_experts: int, ep_size: int) -> int:
+        """T, defaulting to the co-resident partner count (experts per rank - 1)."""
+        return self.c2r_top_t if self.c2r_top_t is not None else num_experts // ep_size - 1
+
+    def _validate_c2r(self, num_experts: int, topk: int, ep_size: int) -> None:
+        if self.c2r_plan:
+            from megatron_moe_ext.routing.plan import PlanError, load_plan
+
+            try:
+                plan = load_plan(self.c2r_plan, num_experts=num_experts, ep_size=ep_size, topk=topk)
+            except PlanError as e:
+                raise MoEExtConfigError(f"--moe-c2r-plan {e}") from None
+            if self.c2r_top_t is not None and self.c2r_top_t != plan.top_t:
+                raise MoEExtConfigError(f"--moe-c2r-top-t {self.c2r_top_t} differs from the plan's "
+                                        f"top_t {plan.top_t} ({self.c2r_plan}); drop the flag.")
+            return
+        T = self.c2r_resolved_top_t(num_experts, ep_size)
+        if T < topk - 1:
+            raise MoEExtConfigError(
+                f"--moe-c2r-top-t {T} is less than k-1 = {topk - 1} (--moe-router-topk {topk}); "
+                f"a token needs at least k-1 partners" + ("" if self.c2r_top_t is not None else
+                f", and the default (experts per rank - 1) is too small here, so set it") + ".")
+        if T > num_experts - 1:
+            raise MoEExtConfigError(f"--moe-c2r-top-t {T} exceeds the {num_experts - 1} other experts.")
+        per_rank = num_experts // ep_size
+        if self.c2r_warmup_steps and T > per_rank - 1:
+            raise MoEExtConfigError(
+                f"--moe-c2r-warmup-steps derives partners among co-resident experts, at most "
+                f"{per_rank - 1} here; lower --moe-c2r-top-t to {per_rank - 1} or less.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,7 +28,15 @@ def test_defaults_round_trip_from_flags():
 
 
 @pytest.mark.parametrize("flags, megatron, flag_named", [
-    (["--moe-router-policy", "c2r"], {}, "--moe-router-policy"),
+    (["--moe-c2r-top-t", "3"], {}, "--moe-c2r-top-t"),
+    (["--moe-router-policy", "c2r", "--moe-c2r-top-t", "0"], {"moe_router_topk": 2}, "--moe-c2r-top-t"),
+    (["--moe-router-policy", "c2r"], {"num_experts": 4, "expert_model_parallel_size": 4}, "--moe-c2r-top-t"),
+    (["--moe-router-policy", "c2r", "--moe-c2r-top-t", "8"], {}, "--moe-c2r-top-t"),
+    (["--moe-router-policy", "c2r", "--moe-c2r-top-t", "5", "--moe-c2r-warmup-steps", "10"], {},
+     "--moe-c2r-warmup-steps"),
+    (["--moe-router-policy", "c2r", "--moe-c2r-warmup-steps", "-1"], {}, "--moe-c2r-warmup-steps"),
+    (["--moe-router-policy", "c2r", "--moe-c2r-plan", "/nonexistent/plan.json"], {}, "--moe-c2r-plan"),
+    (["--moe-dedup-dispatch"], {}, "--moe-dedup-dispatch"),
     (["--moe-router-policy", "locmoe"], {}, "--moe-router-policy"),
     (["--moe-router-policy", "locmoe-plus"], {}, "--moe-router-policy"),
     (["--moe-ranks-per-node", "0"], {}, "--moe-ranks-per-node"),
@@ -47,7 +55,26 @@ def test_invalid_combinations_name_the_flag(flags, megatron, flag_named):
 
 def test_not_yet_implemented_policies_say_so():
     with pytest.raises(MoEExtConfigError, match="not yet implemented.*--moe-router-policy topk"):
-        MoEExtConfig(router_policy="c2r")
+        MoEExtConfig(router_policy="locmoe")
+
+
+def test_c2r_plan_mismatch_names_the_file(tmp_path):
+    from megatron_moe_ext.routing.collaboration import default_partner_lists
+    from megatron_moe_ext.routing.plan import Plan, save_plan
+
+    import torch
+
+    path = save_plan(tmp_path / "plan.json", Plan(8, 2, 3, True, {1: torch.arange(8)},
+                                                   {1: default_partner_lists(8, 2, 3)}),
+                     report={}, profile="-")
+    ok = moe_ext_config_from_args(_parse("--moe-router-policy", "c2r", "--moe-c2r-plan", str(path)))
+    assert ok.c2r_plan == str(path)
+    for megatron, needle in (({"num_experts": 16}, "16"), ({"expert_model_parallel_size": 4}, "4"),
+                             ({"moe_router_topk": 6}, "k-1 = 5")):
+        with pytest.raises(MoEExtConfigError) as err:
+            moe_ext_config_from_args(_parse("--moe-router-policy", "c2r", "--moe-c2r-plan",
+                                            str(path), **megatron), exit_on_error=False)
+        assert str(path) in str(err.value) and needle in str(err.value)
 
 
 def test_ranks_per_node_falls_back_to_launcher(monkeypatch):

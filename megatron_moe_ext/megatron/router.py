@@ -64,11 +64,17 @@ class PolicyRouter(TopKRouter):
         """scores [T, E] (from `selection_scores`) -> chosen experts [T, topk] (long)."""
         raise NotImplementedError
 
+    def observe_selection(self, indices: torch.Tensor) -> None:
+        """Called with the chosen experts [T, topk] of every training forward (no-op here)."""
+
     def select(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Choose experts. logits [T, E] (after z-loss) -> (probs [T, E], zero off the selection;
         routing_map [T, E] bool with exactly `self.topk` True per row)."""
+        training = self.training and torch.is_grad_enabled()
         with torch.no_grad():
             indices = self.select_indices(self.selection_scores(logits))
+            if training:
+                self.observe_selection(indices)
         return topk_routing_with_score_function(
             logits, self.topk, use_pre_softmax=self.config.moe_router_pre_softmax,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
@@ -119,3 +125,91 @@ class PolicyRouter(TopKRouter):
 
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
+
+
+class C2RRouter(PolicyRouter):
+    """Collaboration-constrained routing: top-1 free, the other k-1 among the top-1's partners.
+
+    Partners (a persistent [E, T] buffer, so checkpoints carry them) come from, in order: the
+    plan file (`--moe-c2r-plan`, this layer's lists, indexed by physical slot), the online
+    warm-up profile (`--moe-c2r-warmup-steps`: plain top-k while counting co-activation, then
+    partners among co-resident experts, frozen), or the default lists (co-resident experts first).
+    Build it with `functools.partial(C2RRouter, ext_cfg=...)` as MoESubmodules.router.
+    """
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, ext_cfg=None) -> None:
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        from megatron.core import parallel_state
+
+        from megatron_moe_ext.config import MoEExtConfig
+        from megatron_moe_ext.routing.collaboration import default_partner_lists
+
+        self.ext_cfg = ext_cfg or MoEExtConfig(router_policy="c2r")
+        E = config.num_moe_experts
+        self.ep_size = (self.ep_group.size() if self.ep_group is not None
+                        else parallel_state.get_expert_model_parallel_world_size())
+        self.top_t = self._plan().top_t if self.ext_cfg.c2r_plan else \
+            self.ext_cfg.c2r_resolved_top_t(E, self.ep_size)
+        dev = self.weight.device
+        self.register_buffer("c2r_partners", default_partner_lists(E, self.ep_size, self.top_t).to(dev))
+        # 1 while constrained; 0 during the warm-up (a [1] long tensor: checkpoint-friendly)
+        warm = self.ext_cfg.c2r_warmup_steps > 0
+        self.register_buffer("c2r_active", torch.tensor([0 if warm else 1], device=dev))
+        self.register_buffer("c2r_warmup_forwards", torch.zeros(1, dtype=torch.long, device=dev))
+        self._coact = torch.zeros(E, E, dtype=torch.float64, device=dev) if warm else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if int(self.c2r_active.item()) == 1:
+            self._coact = None  # resumed after the warm-up: stay constrained
+
+    def _plan(self):
+        from megatron_moe_ext.routing.plan import load_plan
+
+        if not hasattr(self, "_plan_cache"):
+            self._plan_cache = load_plan(self.ext_cfg.c2r_plan, num_experts=self.config.num_moe_experts,
+                                         ep_size=self.ep_size, topk=self.topk)
+        return self._plan_cache
+
+    def set_layer_number(self, layer_number: int) -> None:
+        super().set_layer_number(layer_number)
+        if self.ext_cfg.c2r_plan:
+            plan = self._plan()
+            if layer_number not in plan.partners:
+                raise ValueError(f"{plan.path} has no partner lists for MoE layer {layer_number} "
+                                 f"(it has layers {sorted(plan.partners)}).")
+            self.c2r_partners.copy_(plan.partners[layer_number])
+
+    def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
+        from megatron_moe_ext.routing.c2r import c2r_select
+
+        if self._coact is None:  # constrained (no warm-up, or it is over)
+            return c2r_select(scores, self.topk, self.c2r_partners)
+        return torch.topk(scores, self.topk, dim=1).indices
+
+    def observe_selection(self, indices: torch.Tensor) -> None:
+        if self._coact is not None:
+            self._warmup_step(indices)
+
+    def _warmup_step(self, indices: torch.Tensor) -> None:
+        """Count co-activation; after W iterations freeze co-resident partners (collective over
+        the router's data-parallel group, reached by every rank at the same micro-batch)."""
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+        from megatron_moe_ext.routing.collaboration import coactivation_counts, partner_lists
+        from megatron_moe_ext.routing.policies import indices_to_map
+
+        E = self.config.num_moe_experts
+        self._coact += coactivation_counts(indices_to_map(indices, E))
+        self.c2r_warmup_forwards += 1
+        if int(self.c2r_warmup_forwards.item()) < self.ext_cfg.c2r_warmup_steps * get_num_microbatches():
+            return
+        coact = self._coact
+        if torch.distributed.is_initialized() and self.tp_dp_cp_group is not None:
+            torch.distributed.all_reduce(coact, group=self.tp_dp_cp_group)
+        expert_to_rank = torch.arange(E, device=coact.device) // (E // self.ep_size)
+        partners = partner_lists(coact.cpu(), self.top_t, expert_to_rank=expert_to_rank.cpu(),
+                                 co_resident_only=True)
+        self.c2r_partners.copy_(partners)
+        self.c2r_active.fill_(1)
+        self._coact = None

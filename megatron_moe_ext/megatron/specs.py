@@ -42,10 +42,14 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
     return block
 
 
-def router_class_for(ext_cfg: MoEExtConfig) -> Optional[type]:
-    """The router class for the configured policy; None keeps Megatron's TopKRouter."""
+def router_class_for(ext_cfg: MoEExtConfig) -> Optional[Callable]:
+    """The router builder for the configured policy; None keeps Megatron's TopKRouter."""
     if ext_cfg.router_policy == "topk":
         return None
+    if ext_cfg.router_policy == "c2r":
+        from megatron_moe_ext.megatron.router import C2RRouter
+
+        return functools.partial(C2RRouter, ext_cfg=ext_cfg)
     raise NotImplementedError(f"--moe-router-policy {ext_cfg.router_policy} has no router yet.")
 
 
