@@ -95,6 +95,7 @@ def moe_ext_config_from_args(args: argparse.Namespace, *, exit_on_error: bool = 
             topk=getattr(args, "moe_router_topk", 2),
             ep_size=getattr(args, "expert_model_parallel_size", 1),
             world_size=getattr(args, "world_size", 1),
+            megatron_args=args,
         )
     except MoEExtConfigError as e:
         if not exit_on_error:

@@ -70,10 +70,10 @@ def run(ns: argparse.Namespace) -> int:
     per_layer: Dict[str, Dict] = {}
     total = total_stock = None
     for layer, (logits, src) in layers.items():
-        ctx = PolicyContext(E, ep, rpn, src, options=vars(ns))
+        ctx = PolicyContext(E, ep, rpn, src, options=vars(ns), layer=layer)
         try:
             chosen = policy.select(logits, k, ctx)
-        except ValueError as e:
+        except ValueError as e:  # PlanError included
             return _fail(str(e))
         stock = topk_policy(logits, k, ctx)
         counts = dispatch_counts(indices_to_map(chosen, E), ep_size=ep, ep_ranks_per_node=rpn,

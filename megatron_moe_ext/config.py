@@ -124,16 +124,13 @@ class MoEExtConfig:
         if self.c2r_plan and self.c2r_warmup_steps:
             raise MoEExtConfigError("--moe-c2r-plan and --moe-c2r-warmup-steps both set the partner "
                                     "lists; use one of them.")
-        if self.dedup_dispatch:
-            raise MoEExtConfigError("--moe-dedup-dispatch is not yet implemented in this version; "
-                                    "drop the flag.")
         if (self.routing_trace_interval or self.routing_trace_max_tokens != 4096) and not self.save_routing_trace:
             raise MoEExtConfigError(
                 "--routing-trace-interval and --routing-trace-max-tokens need --save-routing-trace DIR."
             )
 
     def validate_with_megatron(self, *, num_experts: Optional[int], topk: int, ep_size: int,
-                               world_size: int) -> None:
+                               world_size: int, megatron_args: Optional[object] = None) -> None:
         """Checks that need Megatron's own settings (expert count, EP size, world size)."""
         rpn = self.resolved_ranks_per_node(world_size)
         if self.ranks_per_node is not None and ep_size % rpn != 0 and rpn % ep_size != 0:
@@ -147,6 +144,23 @@ class MoEExtConfig:
             )
         if self.router_policy == "c2r":
             self._validate_c2r(num_experts, topk, ep_size)
+        if self.dedup_dispatch and megatron_args is not None:
+            self._validate_dedup(megatron_args)
+
+    def _validate_dedup(self, a: object) -> None:
+        """What DedupAlltoAllTokenDispatcher does not support, caught before anything starts."""
+        get = lambda name, default=None: getattr(a, name, default)  # noqa: E731
+        if get("moe_token_dispatcher_type", "alltoall") != "alltoall":
+            raise MoEExtConfigError("--moe-dedup-dispatch replaces the alltoall dispatcher; set "
+                                    "--moe-token-dispatcher-type alltoall.")
+        for bad, flag in ((get("expert_tensor_parallel_size") not in (None, 1),
+                           "--expert-tensor-parallel-size > 1"),
+                          (get("moe_pad_expert_input_to_capacity"), "--moe-pad-expert-input-to-capacity"),
+                          (get("moe_router_padding_for_quantization"),
+                           "--moe-router-padding-for-quantization"),
+                          (get("moe_shared_expert_overlap"), "--moe-shared-expert-overlap")):
+            if bad:
+                raise MoEExtConfigError(f"--moe-dedup-dispatch does not support {flag} yet; drop one of them.")
 
     def c2r_resolved_top_t(self, num_experts: int, ep_size: int) -> int:
         """T, defaulting to the co-resident partner count (experts per rank - 1)."""

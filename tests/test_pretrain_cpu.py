@@ -84,3 +84,16 @@ def test_pretrain_ep2_checkpoint_resume_matches_uninterrupted(tmp_path):
     assert sorted(resumed) == [6, 7, 8]
     for it in (6, 7, 8):
         assert resumed[it] == pytest.approx(full[it], rel=1e-5, abs=1e-5), it
+
+
+def test_pretrain_c2r_with_dedup_dispatch_sends_one_row_per_token(tmp_path):
+    """C2R with the default co-resident partners keeps every token on one EP rank, so the
+    deduplicating dispatcher sends exactly one row per token (stock top-k would send two)."""
+    log = tmp_path / "c2r.jsonl"
+    _pretrain(tmp_path, tmp_path / "ckpt", log, "--moe-router-policy", "c2r",
+              "--moe-dedup-dispatch", "--moe-ranks-per-node", "1")
+    rows = [r for r in _rows(log) if r["kind"] == "train"]
+    assert len(rows) == 8 and all(0 < r["lm loss"] < 20 for r in rows)
+    for r in rows:
+        assert r["moe_ext/rows_per_token"] == 1.0 == r["moe_ext/distinct_ranks_per_token"]
+        assert 0 < r["moe_ext/remote_rows_per_token"] < 1.0

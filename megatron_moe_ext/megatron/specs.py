@@ -37,8 +37,14 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
         ext_cfg = moe_ext_config_from_args(get_args())
     block = default_layer_spec(model_cfg, vp_stage)
     router_cls = router_class_for(ext_cfg)
-    if router_cls is not None:
-        block = replace_moe_submodules(block, router=router_cls)
+    layer_cls = None
+    if ext_cfg.dedup_dispatch:
+        from megatron_moe_ext.megatron.dispatch import DedupMoELayer
+
+        layer_cls = DedupMoELayer
+    if router_cls is not None or layer_cls is not None:
+        subs = {} if router_cls is None else {"router": router_cls}
+        block = replace_moe_submodules(block, layer_cls=layer_cls, **subs)
     return block
 
 

@@ -24,6 +24,7 @@ class PolicyContext:
     ep_ranks_per_node: int
     src_ep_rank: torch.Tensor            # LongTensor[T], the EP rank each token starts on
     options: Dict[str, object] = field(default_factory=dict)
+    layer: Optional[int] = None          # MoE layer number (traces), for per-layer plans
 
 
 @dataclass
@@ -51,6 +52,36 @@ def register_policy(name: str, *, add_args=None, help: str = ""):
 def topk_policy(logits: torch.Tensor, topk: int, ctx: PolicyContext) -> torch.Tensor:
     """The experts Megatron's softmax top-k router picks: the top-k logits. [T, E] -> [T, k]."""
     return torch.topk(logits, topk, dim=1).indices
+
+
+def _c2r_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top-t", type=int, default=None,
+                   help="c2r: partners per expert (default: experts per rank - 1)")
+    p.add_argument("--plan", default=None, help="c2r: partner lists from plan-placement")
+
+
+@register_policy("c2r", add_args=_c2r_args,
+                 help="collaboration-constrained: top-1 free, k-1 among its partners")
+def c2r_policy(logits: torch.Tensor, topk: int, ctx: PolicyContext) -> torch.Tensor:
+    """C2R with the plan's partners for ctx.layer (any layer of the plan for synthetic logits),
+    or the default lists: co-resident experts first, then the next ranks'."""
+    from megatron_moe_ext.routing.c2r import c2r_select
+    from megatron_moe_ext.routing.collaboration import default_partner_lists
+
+    plan_path = ctx.options.get("plan")
+    if plan_path:
+        from megatron_moe_ext.routing.plan import load_plan
+
+        plan = load_plan(plan_path, num_experts=ctx.num_experts, ep_size=ctx.ep_size, topk=topk)
+        layer = ctx.layer if ctx.layer in plan.partners else min(plan.partners)
+        partners = plan.partners[layer]
+    else:
+        top_t = ctx.options.get("top_t")
+        top_t = ctx.num_experts // ctx.ep_size - 1 if top_t is None else top_t
+        if top_t < topk - 1:
+            raise ValueError(f"--top-t {top_t} is less than k-1 = {topk - 1}.")
+        partners = default_partner_lists(ctx.num_experts, ctx.ep_size, top_t)
+    return c2r_select(logits, topk, partners)
 
 
 def indices_to_map(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
