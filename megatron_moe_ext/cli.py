@@ -19,6 +19,8 @@ _VERB_MODULES = [
     "megatron_moe_ext.training.pretrain_gpt",
     "megatron_moe_ext.training.data",
     "megatron_moe_ext.comm_volume",
+    "megatron_moe_ext.c2r_workflow",
+    "megatron_moe_ext.convert.apply_placement",
 ]
 
 

@@ -119,6 +119,11 @@ class MoEExtConfig:
         if c2r_flags and self.router_policy != "c2r":
             raise MoEExtConfigError(f"{c2r_flags[0]} applies to the C2R router only; add "
                                     "--moe-router-policy c2r or drop the flag.")
+        if self.profile_collaboration and os.path.exists(
+                os.path.join(self.profile_collaboration, "profile.json")):
+            raise MoEExtConfigError(
+                f"--moe-profile-collaboration {self.profile_collaboration} already holds a "
+                "profile.json; choose an empty folder so that no profile is overwritten.")
         if self.c2r_warmup_steps < 0:
             raise MoEExtConfigError("--moe-c2r-warmup-steps must be >= 0.")
         if self.c2r_plan and self.c2r_warmup_steps:

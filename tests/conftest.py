@@ -59,3 +59,44 @@ def megatron_cpu():
                                rank=0, world_size=1)
     common.init_model_parallel(ep=1)
     return common
+
+
+# --- the plugin's pretrain entry on 2 CPU gloo ranks (EP=2), tiny model, mock data -------------
+
+TINY_MODEL = dict(num_layers=2, hidden=64, experts=4, topk=2, ep=2, seq_length=64)
+
+
+def pretrain_cpu_cmd(ckpt: Path, log: Path, *extra: str, train_iters: int = 8,
+                     module: str = "megatron_moe_ext.training.pretrain_gpt") -> list:
+    from megatron_moe_ext.training.presets import tiny_moe_flags
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(_free_port()), "-m", module, "--cpu",
+            *tiny_moe_flags(**TINY_MODEL),
+            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(train_iters),
+            "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+            "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1",
+            # Dropout off: with it on, a resumed DataLoader draws its base seed from the restored
+            # CPU generator at another point than the uninterrupted run does, so masks differ.
+            "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--save-interval", "5", "--save", str(ckpt), "--load", str(ckpt),
+            "--moe-ext-run-log", str(log), *extra]
+
+
+def pretrain_cpu(tmp: Path, ckpt: Path, log: Path, *extra: str, train_iters: int = 8,
+                 expect_rc: int = 0) -> subprocess.CompletedProcess:
+    """Run the plugin's entry on 2 gloo ranks; assert its exit code (with the output on failure)."""
+    proc = subprocess.run(pretrain_cpu_cmd(ckpt, log, *extra, train_iters=train_iters),
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def run_log_rows(log: Path) -> list:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def train_losses(log: Path) -> dict:
+    return {r["iteration"]: r["lm loss"] for r in run_log_rows(log) if r["kind"] == "train"}

@@ -1,51 +1,13 @@
 """The plugin's pretrain entry runs Megatron's whole pretrain() loop on CPU with EP=2 over two gloo
 ranks, saves a distributed checkpoint, and a run resumed from it continues with the same losses."""
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from megatron_moe_ext.training.presets import tiny_moe_flags
+from conftest import pretrain_cpu as _pretrain, run_log_rows as _rows, train_losses as _train_losses
 
 pytestmark = pytest.mark.dist
-
-
-def _pretrain(tmp: Path, ckpt: Path, log: Path, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(_port()), "-m", "megatron_moe_ext.training.pretrain_gpt", "--cpu",
-           *tiny_moe_flags(num_layers=2, hidden=64, experts=4, topk=2, ep=2, seq_length=64),
-           "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512",
-           "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "8",
-           "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
-           "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1",
-           # Dropout off: with it on, the resumed DataLoader draws its base seed from the restored
-           # CPU generator at another point than the uninterrupted run does, so masks differ.
-           "--hidden-dropout", "0", "--attention-dropout", "0",
-           "--save-interval", "5", "--save", str(ckpt), "--load", str(ckpt),
-           "--moe-ext-run-log", str(log), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rows(log: Path) -> list:
-    return [json.loads(line) for line in log.read_text().splitlines()]
-
-
-def _train_losses(log: Path) -> dict:
-    return {r["iteration"]: r["lm loss"] for r in _rows(log) if r["kind"] == "train"}
 
 
 def test_pretrain_ep2_checkpoint_resume_matches_uninterrupted(tmp_path):

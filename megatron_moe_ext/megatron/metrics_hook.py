@@ -18,6 +18,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_moe_ext.config import MoEExtConfig
 from megatron_moe_ext.metrics import NUM_FIELDS, dispatch_counts, volume_from_counts
+from megatron_moe_ext.routing.collaboration import coactivation_counts, specialization_metrics
+from megatron_moe_ext.routing.plan import save_profile
 from megatron_moe_ext.routing.trace import save_trace, trace_path
 
 _SCALARS = ("rows_per_token", "remote_rows_per_token", "inter_node_rows_per_token",
@@ -29,7 +31,7 @@ class MoEMetricsRecorder:
 
     def __init__(self, model: List[torch.nn.Module], *, dedup: bool, ep_ranks_per_node: int,
                  bytes_per_element: int = 2, trace_dir: Optional[str] = None,
-                 trace_max_tokens: int = 4096) -> None:
+                 trace_max_tokens: int = 4096, profile_collaboration: bool = False) -> None:
         self.routers = [m for chunk in model for m in chunk.modules() if isinstance(m, TopKRouter)]
         self.dedup = dedup
         self.ep_ranks_per_node = ep_ranks_per_node
@@ -53,6 +55,11 @@ class MoEMetricsRecorder:
         device = self.routers[0].weight.device
         self._sums = torch.zeros(self.num_layers + 1, NUM_FIELDS + self.num_experts,
                                  dtype=torch.float64, device=device)
+        # Co-activation counts per layer (train and eval batches alike), for C2R profiles.
+        self._coact = (torch.zeros(self.num_layers + 1, self.num_experts, self.num_experts,
+                                   dtype=torch.float64, device=device)
+                       if profile_collaboration else None)
+        self._coact_tokens = 0
         for router in self.routers:
             router.register_forward_hook(self._hook)
 
@@ -65,13 +72,17 @@ class MoEMetricsRecorder:
         return cls(model, dedup=getattr(ext_cfg, "dedup_dispatch", False), ep_ranks_per_node=ep_rpn,
                    bytes_per_element=ext_cfg.ext_metrics_bytes_per_element,
                    trace_dir=ext_cfg.save_routing_trace,
-                   trace_max_tokens=ext_cfg.routing_trace_max_tokens)
+                   trace_max_tokens=ext_cfg.routing_trace_max_tokens,
+                   profile_collaboration=bool(ext_cfg.profile_collaboration))
 
     def _hook(self, router: TopKRouter, inputs, output) -> None:
-        if not (router.training and torch.is_grad_enabled()):
-            return  # evaluation batches are not training traffic
         _, routing_map = output
         layer = router.layer_number or 0
+        if self._coact is not None:
+            with torch.no_grad():
+                self._coact[layer] += coactivation_counts(routing_map)
+        if not (router.training and torch.is_grad_enabled()):
+            return  # evaluation batches are not training traffic
         with torch.no_grad():
             self._sums[layer] += dispatch_counts(
                 routing_map, ep_size=self.ep_size, ep_ranks_per_node=self.ep_ranks_per_node,
@@ -99,6 +110,23 @@ class MoEMetricsRecorder:
                           ep_size=self.ep_size, ep_rank=self.ep_rank,
                           ep_ranks_per_node=self.ep_ranks_per_node)
         return str(path)
+
+    def write_profile(self, directory: str) -> Optional[str]:
+        """Sum co-activation over all ranks and write the profile (rank 0). Collective."""
+        if self._coact is None:
+            return None
+        coact = self._coact.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(coact)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return None
+        layers = {i: coact[i].cpu() for i in range(coact.shape[0]) if coact[i].sum() > 0}
+        if not layers:
+            return None
+        # every token adds topk to the diagonal's sum
+        tokens = int(next(iter(layers.values())).diagonal().sum().item()) // max(1, self.topk)
+        metrics = {i: specialization_metrics(c) for i, c in layers.items()}
+        return str(save_profile(directory, layers, topk=self.topk, tokens=tokens, metrics=metrics))
 
     def report(self, iteration: int) -> Dict[str, object]:
         """Reduce, log and reset. Collective over the default group: call on every rank.

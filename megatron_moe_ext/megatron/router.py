@@ -130,10 +130,12 @@ class PolicyRouter(TopKRouter):
 class C2RRouter(PolicyRouter):
     """Collaboration-constrained routing: top-1 free, the other k-1 among the top-1's partners.
 
-    Partners (a persistent [E, T] buffer, so checkpoints carry them) come from, in order: the
-    plan file (`--moe-c2r-plan`, this layer's lists, indexed by physical slot), the online
-    warm-up profile (`--moe-c2r-warmup-steps`: plain top-k while counting co-activation, then
-    partners among co-resident experts, frozen), or the default lists (co-resident experts first).
+    Partners ([E, T]) come from the plan file (`--moe-c2r-plan`, this layer's lists, indexed by
+    physical slot), the online warm-up profile (`--moe-c2r-warmup-steps`: plain top-k while
+    counting co-activation, then partners among co-resident experts, frozen), or the default
+    lists (co-resident experts first). Only warm-up partners are learned state, so only then are
+    they checkpointed (with the warm-up progress): a plan or default run rebuilds them from its
+    flags, and can start from a checkpoint trained with plain top-k.
     Build it with `functools.partial(C2RRouter, ext_cfg=...)` as MoESubmodules.router.
     """
 
@@ -151,11 +153,14 @@ class C2RRouter(PolicyRouter):
         self.top_t = self._plan().top_t if self.ext_cfg.c2r_plan else \
             self.ext_cfg.c2r_resolved_top_t(E, self.ep_size)
         dev = self.weight.device
-        self.register_buffer("c2r_partners", default_partner_lists(E, self.ep_size, self.top_t).to(dev))
-        # 1 while constrained; 0 during the warm-up (a [1] long tensor: checkpoint-friendly)
         warm = self.ext_cfg.c2r_warmup_steps > 0
-        self.register_buffer("c2r_active", torch.tensor([0 if warm else 1], device=dev))
-        self.register_buffer("c2r_warmup_forwards", torch.zeros(1, dtype=torch.long, device=dev))
+        self.register_buffer("c2r_partners", default_partner_lists(E, self.ep_size, self.top_t).to(dev),
+                             persistent=warm)
+        # 1 while constrained; 0 during the warm-up (a [1] long tensor: checkpoint-friendly)
+        self.register_buffer("c2r_active", torch.tensor([0 if warm else 1], device=dev),
+                             persistent=warm)
+        self.register_buffer("c2r_warmup_forwards", torch.zeros(1, dtype=torch.long, device=dev),
+                             persistent=warm)
         self._coact = torch.zeros(E, E, dtype=torch.float64, device=dev) if warm else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -36,8 +36,32 @@ def configure_model(args: Any, model_cfg: Any) -> MoEExtConfig:
     from megatron_moe_ext.training.run_hooks import install_run_hooks
 
     ext_cfg = moe_ext_config_from_args(args)
+    if ext_cfg.c2r_plan:
+        _check_placement(args, ext_cfg.c2r_plan)
     if model_cfg.transformer_layer_spec is None:
         model_cfg.transformer_layer_spec = functools.partial(moe_ext_decoder_block_spec,
                                                              ext_cfg=ext_cfg)
     install_run_hooks(model_cfg, ext_cfg)
     return ext_cfg
+
+
+def _check_placement(args: Any, plan_path: str) -> None:
+    """A plan that moves experts must meet a checkpoint re-placed by it; checkpoints this run
+    saves are in the plan's order, so they get the same marker."""
+    import json
+    import os
+
+    from megatron_moe_ext.args import _exit_with
+    from megatron_moe_ext.convert.apply_placement import MARKER, check_plan_applied, plan_sha256
+
+    load = getattr(args, "load", None)
+    if load and os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt")):
+        reason = check_plan_applied(load, plan_path)
+        if reason:
+            _exit_with(f"--moe-c2r-plan {reason}")
+    save = getattr(args, "save", None)
+    if save:
+        os.makedirs(save, exist_ok=True)
+        with open(os.path.join(save, MARKER), "w") as f:
+            json.dump({"plan": os.path.abspath(plan_path), "plan_sha256": plan_sha256(plan_path),
+                       "source": "trained with this plan"}, f, indent=1)

@@ -50,6 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from megatron_moe_ext.training import gpt_steps
     from megatron_moe_ext.training.plugin import configure_model, extra_args_provider
+    from megatron_moe_ext.training.run_hooks import finish_run
 
     set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
     # Megatron's parser reads sys.argv.
@@ -69,6 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         gpt_steps.forward_step,
         store=store,
     )
+    finish_run()
     return 0
 
 

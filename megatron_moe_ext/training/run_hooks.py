@@ -31,7 +31,7 @@ def install_run_hooks(model_cfg: Any, ext_cfg: MoEExtConfig) -> None:
     from megatron.training import training as mt_training
 
     _STATE["ext_cfg"] = ext_cfg
-    if ext_cfg.ext_metrics or ext_cfg.save_routing_trace:
+    if ext_cfg.ext_metrics or ext_cfg.save_routing_trace or ext_cfg.profile_collaboration:
         model_cfg.post_wrap_hooks.append(_attach_recorder)
     if not getattr(mt_training.training_log, "_moe_ext_wrapped", False):
         mt_training.training_log = _wrap_training_log(mt_training.training_log)
@@ -136,6 +136,15 @@ def _wrap_evaluate_and_print(original):
             _STATE["eval_ctx"] = None
 
     return evaluate_and_print_results
+
+
+def finish_run() -> None:
+    """After pretrain() returns: write the collaboration profile, if one was asked for."""
+    recorder, ext_cfg = _STATE["recorder"], _STATE["ext_cfg"]
+    if recorder is not None and ext_cfg is not None and ext_cfg.profile_collaboration:
+        path = recorder.write_profile(ext_cfg.profile_collaboration)
+        if path:
+            print(f" moe_ext | collaboration profile written to {path}", flush=True)
 
 
 def current_recorder() -> Optional[Any]:
