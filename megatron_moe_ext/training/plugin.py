@@ -4,6 +4,8 @@
     model_cfg = gpt_config_from_args(args)
     configure_model(args, model_cfg)          # validates, installs the spec and run hooks
     full_config = pretrain_cfg_container_from_args(args, model_cfg)
+    pretrain(full_config, ...)
+    finish_run()                              # writes the collaboration profile, if asked for
 
 The plugin's own entry (`pretrain_gpt.py` here) and the patch for Megatron-LM checkouts
 (`patches/`) both use exactly these, so the two stay the same program.
@@ -16,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from megatron_moe_ext.args import add_moe_ext_args, moe_ext_config_from_args
 from megatron_moe_ext.config import MoEExtConfig
+from megatron_moe_ext.training.run_hooks import finish_run  # noqa: F401  (re-exported for entries)
 
 
 def extra_args_provider(chain: Optional[Callable] = None) -> Callable:

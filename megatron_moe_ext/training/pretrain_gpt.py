@@ -49,8 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron.training.arguments import parse_and_validate_args
 
     from megatron_moe_ext.training import gpt_steps
-    from megatron_moe_ext.training.plugin import configure_model, extra_args_provider
-    from megatron_moe_ext.training.run_hooks import finish_run
+    from megatron_moe_ext.training.plugin import configure_model, extra_args_provider, finish_run
 
     set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
     # Megatron's parser reads sys.argv.
