@@ -28,6 +28,9 @@ _ATTR_FOR_FIELD = {
     "c2r_warmup_steps": "moe_c2r_warmup_steps",
     "profile_collaboration": "moe_profile_collaboration",
     "dedup_dispatch": "moe_dedup_dispatch",
+    "locmoe_mu": "moe_locmoe_mu",
+    "locmoe_eps": "moe_locmoe_eps",
+    "locmoe_gate": "moe_locmoe_gate",
     "routing_trace_interval": "routing_trace_interval",
     "routing_trace_max_tokens": "routing_trace_max_tokens",
 }
@@ -71,6 +74,12 @@ def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--moe-profile-collaboration", type=str, default=None, metavar="DIR",
                    help="Record expert co-activation of every MoE layer and write a collaboration "
                         "profile to DIR at the end of the run (see `megatron-moe-ext profile`).")
+    g.add_argument("--moe-locmoe-mu", type=float, default=d["locmoe_mu"].default,
+                   help="LocMoE: coefficient of the locality loss mu * KL(D_c || D_l).")
+    g.add_argument("--moe-locmoe-eps", type=float, default=d["locmoe_eps"].default,
+                   help="LocMoE: mass the fully localized distribution leaves on remote experts.")
+    g.add_argument("--moe-locmoe-gate", choices=("learned", "grap"), default=d["locmoe_gate"].default,
+                   help="LocMoE: learned gate initialised to GrAP, or the fixed GrAP gate.")
     g.add_argument("--moe-dedup-dispatch", action="store_true",
                    help="Send each token once per destination EP rank instead of once per expert.")
     return parser

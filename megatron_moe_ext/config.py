@@ -16,7 +16,7 @@ from typing import Optional
 ROUTER_POLICIES = ("topk", "c2r", "locmoe", "locmoe-plus")
 # Policies whose implementation has landed. The others are accepted by the parser (so that
 # `--help` shows the whole surface) and rejected by validation with "not yet implemented".
-IMPLEMENTED_ROUTER_POLICIES = ("topk", "c2r")
+IMPLEMENTED_ROUTER_POLICIES = ("topk", "c2r", "locmoe")
 
 
 class MoEExtConfigError(ValueError):
@@ -73,6 +73,15 @@ class MoEExtConfig:
     """--moe-profile-collaboration DIR: record every MoE layer's co-activation counts and write a
     collaboration profile to DIR when the run ends."""
 
+    locmoe_mu: float = 0.01
+    """--moe-locmoe-mu: coefficient of the LocMoE locality loss mu * KL(D_c || D_l)."""
+
+    locmoe_eps: float = 1e-3
+    """--moe-locmoe-eps: mass the localized distribution D_l leaves on remote experts."""
+
+    locmoe_gate: str = "learned"
+    """--moe-locmoe-gate {learned,grap}: GrAP-initialised learned gate, or the fixed GrAP gate."""
+
     dedup_dispatch: bool = False
     """--moe-dedup-dispatch: send each token once per destination EP rank (not per expert)."""
 
@@ -124,6 +133,18 @@ class MoEExtConfig:
             raise MoEExtConfigError(
                 f"--moe-profile-collaboration {self.profile_collaboration} already holds a "
                 "profile.json; choose an empty folder so that no profile is overwritten.")
+        loc_flags = [f for f, v in (("--moe-locmoe-mu", self.locmoe_mu != 0.01),
+                                    ("--moe-locmoe-eps", self.locmoe_eps != 1e-3),
+                                    ("--moe-locmoe-gate", self.locmoe_gate != "learned")) if v]
+        if loc_flags and self.router_policy not in ("locmoe", "locmoe-plus"):
+            raise MoEExtConfigError(f"{loc_flags[0]} applies to the LocMoE routers only; add "
+                                    "--moe-router-policy locmoe or drop the flag.")
+        if self.locmoe_mu < 0:
+            raise MoEExtConfigError("--moe-locmoe-mu must be >= 0.")
+        if not 0 < self.locmoe_eps < 1:
+            raise MoEExtConfigError("--moe-locmoe-eps must be between 0 and 1 (exclusive).")
+        if self.locmoe_gate not in ("learned", "grap"):
+            raise MoEExtConfigError("--moe-locmoe-gate must be learned or grap.")
         if self.c2r_warmup_steps < 0:
             raise MoEExtConfigError("--moe-c2r-warmup-steps must be >= 0.")
         if self.c2r_plan and self.c2r_warmup_steps:
@@ -149,6 +170,8 @@ class MoEExtConfig:
             )
         if self.router_policy == "c2r":
             self._validate_c2r(num_experts, topk, ep_size)
+        if self.router_policy == "locmoe":
+            self._validate_locmoe(num_experts, ep_size, world_size, megatron_args)
         if self.dedup_dispatch and megatron_args is not None:
             self._validate_dedup(megatron_args)
 
@@ -166,6 +189,20 @@ class MoEExtConfig:
                           (get("moe_shared_expert_overlap"), "--moe-shared-expert-overlap")):
             if bad:
                 raise MoEExtConfigError(f"--moe-dedup-dispatch does not support {flag} yet; drop one of them.")
+
+    def _validate_locmoe(self, num_experts: int, ep_size: int, world_size: int, a) -> None:
+        hidden = getattr(a, "hidden_size", None)
+        if hidden is not None and hidden % num_experts:
+            raise MoEExtConfigError(
+                f"--moe-router-policy locmoe starts its gate from GrAP, which needs --hidden-size "
+                f"{hidden} divisible by --num-experts {num_experts}.")
+        if self.resolved_ranks_per_node(world_size) >= ep_size * max(
+                1, getattr(a, "tensor_model_parallel_size", 1) or 1) and self.locmoe_mu > 0:
+            import warnings
+
+            warnings.warn("--moe-router-policy locmoe: all EP ranks share one node "
+                          "(--moe-ranks-per-node), so every expert is local and the locality loss "
+                          "is constant.")
 
     def c2r_resolved_top_t(self, num_experts: int, ep_size: int) -> int:
         """T, defaulting to the co-resident partner count (experts per rank - 1)."""

@@ -39,7 +39,10 @@ def test_defaults_round_trip_from_flags():
     (["--moe-dedup-dispatch"], {"moe_token_dispatcher_type": "allgather"}, "--moe-dedup-dispatch"),
     (["--moe-dedup-dispatch"], {"expert_tensor_parallel_size": 2}, "--expert-tensor-parallel-size"),
     (["--moe-dedup-dispatch"], {"moe_shared_expert_overlap": True}, "--moe-shared-expert-overlap"),
-    (["--moe-router-policy", "locmoe"], {}, "--moe-router-policy"),
+    (["--moe-locmoe-mu", "0.1"], {}, "--moe-locmoe-mu"),
+    (["--moe-router-policy", "locmoe", "--moe-locmoe-mu", "-1"], {}, "--moe-locmoe-mu"),
+    (["--moe-router-policy", "locmoe", "--moe-locmoe-eps", "0"], {}, "--moe-locmoe-eps"),
+    (["--moe-router-policy", "locmoe"], {"hidden_size": 100}, "--hidden-size"),
     (["--moe-router-policy", "locmoe-plus"], {}, "--moe-router-policy"),
     (["--moe-ranks-per-node", "0"], {}, "--moe-ranks-per-node"),
     (["--moe-ranks-per-node", "3"], {"expert_model_parallel_size": 4}, "--moe-ranks-per-node"),
@@ -57,7 +60,7 @@ def test_invalid_combinations_name_the_flag(flags, megatron, flag_named):
 
 def test_not_yet_implemented_policies_say_so():
     with pytest.raises(MoEExtConfigError, match="not yet implemented.*--moe-router-policy topk"):
-        MoEExtConfig(router_policy="locmoe")
+        MoEExtConfig(router_policy="locmoe-plus")
 
 
 def test_c2r_plan_mismatch_names_the_file(tmp_path):
@@ -94,11 +97,11 @@ def test_pretrain_entry_rejects_bad_flags_before_training(tmp_path):
            "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "1",
            "--num-experts", "4", "--moe-router-topk", "2", "--mock-data",
            "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--train-iters", "1",
-           "--moe-router-policy", "locmoe", "--save", str(tmp_path / "ckpt"), "--save-interval", "1"]
+           "--moe-router-policy", "locmoe-plus", "--save", str(tmp_path / "ckpt"), "--save-interval", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "RANK": "0", "WORLD_SIZE": "1",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"})
     assert proc.returncode == 2
     err_lines = [l for l in proc.stderr.splitlines() if "error:" in l]
-    assert len(err_lines) == 1 and "--moe-router-policy locmoe" in err_lines[0]
+    assert len(err_lines) == 1 and "--moe-router-policy locmoe-plus" in err_lines[0]
     assert not (tmp_path / "ckpt").exists()

@@ -147,6 +147,7 @@ class MoEMetricsRecorder:
                   bytes_per_element=self.bytes_per_element)
         total = volume_from_counts(sums[layers].sum(0), **kw)
         out.update({f"moe_ext/{k}": getattr(total, k) for k in _SCALARS})
+        out.update(self._router_losses())
         out["moe_ext/tokens"] = total.tokens / len(layers)
         for i in layers:
             v = volume_from_counts(sums[i], **kw)
@@ -154,6 +155,19 @@ class MoEMetricsRecorder:
             out[f"moe_ext/layer_{i}/expert_load"] = v.expert_load
         self._write(out, iteration)
         return out
+
+    def _router_losses(self) -> Dict[str, float]:
+        """Mean of policy losses the routers keep ([sum, count] buffers), e.g. LocMoE's KL.
+        The same routers exist on every rank (one policy per run), so the reduce matches."""
+        routers = [r for r in self.routers if hasattr(r, "locality_kl_sum")]
+        if not routers:
+            return {}
+        total = torch.stack([r.locality_kl_sum for r in routers]).sum(0)
+        for r in routers:
+            r.locality_kl_sum.zero_()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        return {"moe_ext/locality_kl": float(total[0] / total[1].clamp_min(1))}
 
     @staticmethod
     def _write(out: Dict[str, object], iteration: int) -> None:

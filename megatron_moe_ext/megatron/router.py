@@ -218,3 +218,57 @@ class C2RRouter(PolicyRouter):
         self.c2r_partners.copy_(partners)
         self.c2r_active.fill_(1)
         self._coact = None
+
+
+class LocMoERouter(PolicyRouter):
+    """LocMoE: top-k routing plus a locality loss toward experts on the token's own node.
+
+    The loss (routing/locality.py) is mu * KL(D_c || D_l) per source rank, attached like
+    Megatron's other auxiliary losses (recorded as "locality_loss"; its running mean is also
+    reported as moe_ext/locality_kl). `--moe-locmoe-gate grap` freezes the gate to the paper's
+    block-orthogonal GrAP weights; `learned` (default) starts from them and trains.
+    Build with `functools.partial(LocMoERouter, ext_cfg=...)`.
+    """
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, ext_cfg=None) -> None:
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        from megatron.core import parallel_state
+
+        from megatron_moe_ext.config import MoEExtConfig
+        from megatron_moe_ext.routing.locality import grap_gate_weight, node_local_expert_mask
+
+        self.ext_cfg = ext_cfg or MoEExtConfig(router_policy="locmoe")
+        E = config.num_moe_experts
+        with torch.no_grad():
+            self.weight.copy_(grap_gate_weight(E, config.hidden_size, self.weight.dtype))
+        if self.ext_cfg.locmoe_gate == "grap":
+            self.weight.requires_grad_(False)
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        ep_rpn = max(1, self.ext_cfg.resolved_ranks_per_node(world) // max(1, tp))
+        self.register_buffer("locality_mask", node_local_expert_mask(E, ep_size, ep_rank, ep_rpn).to(
+            self.weight.device), persistent=False)
+        self.locality_kl_sum = torch.zeros(2, dtype=torch.float64, device=self.weight.device)
+
+    def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.topk(scores, self.topk, dim=1).indices
+
+    def extra_losses(self, probs, logits, padding_mask):
+        from megatron_moe_ext.routing.locality import locality_loss
+
+        mu = self.ext_cfg.locmoe_mu
+        if not mu:
+            return probs
+        if self.score_function == "softmax":
+            scores = torch.softmax(logits.float(), dim=-1)
+        else:  # the same normalized scores Megatron's balance loss uses
+            scores = torch.sigmoid(logits.float())
+            scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        valid = None if padding_mask is None else ~padding_mask
+        kl = locality_loss(scores, self.locality_mask, eps=self.ext_cfg.locmoe_eps, valid=valid)
+        with torch.no_grad():
+            self.locality_kl_sum += torch.stack([kl.detach().double(), kl.new_ones(()).double()])
+        return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
+                                                       self.tp_cp_group)

@@ -1,0 +1,124 @@
+"""LocMoE math (pure torch): node-local experts, the locality loss, the GrAP gate, and the
+expert-capacity lower bound (Li et al., IJCAI 2024; the methods doc section 2).
+
+Locality loss, the form chosen here (the paper writes mu * KL(D_c || D_l) without defining the
+two distributions precisely):
+  D_c[e] = mean over this rank's tokens of the router probability p_e(x): the batch's routing
+           distribution, differentiable;
+  D_l    = the fully localized distribution: (1 - eps) spread uniformly over the experts on this
+           rank's node, eps spread uniformly over the others (eps-smoothing keeps KL finite);
+  L_loc  = mu * KL(D_c || D_l) = mu * sum_e D_c[e] (log D_c[e] - log D_l[e]).
+Its gradient lowers the mass on remote experts; with eps -> 0 it behaves like
+-mu * log P(local) plus the entropy of D_c.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def node_local_expert_mask(num_experts: int, ep_size: int, ep_rank: int, ep_ranks_per_node: int,
+                           expert_to_rank: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """BoolTensor[E]: experts living on the same node as `ep_rank` (EP ranks consecutive per node)."""
+    if expert_to_rank is None:
+        expert_to_rank = torch.arange(num_experts) // (num_experts // ep_size)
+    return (expert_to_rank // ep_ranks_per_node) == (ep_rank // ep_ranks_per_node)
+
+
+def localized_distribution(local_mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """D_l[E] (float64): 1-eps uniform on local experts, eps uniform on the rest."""
+    n_local = int(local_mask.sum())
+    n_remote = local_mask.numel() - n_local
+    if n_local == 0:
+        raise ValueError("no expert lives on this node; the locality loss needs local experts.")
+    if n_remote == 0:
+        return torch.full(local_mask.shape, 1.0 / n_local, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    return torch.where(local_mask, torch.tensor((1 - eps) / n_local, **f64),
+                       torch.tensor(eps / n_remote, **f64))
+
+
+def locality_loss(probs: torch.Tensor, local_mask: torch.Tensor, *, eps: float = 1e-3,
+                  valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(D_c || D_l) for one source rank (multiply by mu outside).
+
+    Args:
+        probs: [T, E] router probabilities over all experts (softmax/normalized scores).
+        local_mask: BoolTensor[E], experts on this rank's node.
+        eps: mass D_l gives to remote experts (> 0 keeps the loss finite).
+        valid: optional BoolTensor[T], tokens that count (padding excluded).
+    Returns: scalar tensor in probs' dtype promoted to float32 or higher.
+    """
+    p = probs.float() if probs.dtype in (torch.float16, torch.bfloat16) else probs
+    if valid is not None:
+        p = p[valid]
+    d_c = p.mean(0)
+    d_c = d_c / d_c.sum().clamp_min(1e-12)
+    d_l = localized_distribution(local_mask.cpu(), eps).to(device=p.device, dtype=p.dtype)
+    return (d_c * (torch.log(d_c.clamp_min(1e-12)) - torch.log(d_l))).sum()
+
+
+def grap_gate_weight(num_experts: int, hidden_size: int, dtype=torch.float32) -> torch.Tensor:
+    """GrAP gate (Eq. 4): W[E, H] with W[i, j] = E/H on the i-th contiguous H/E slice, else 0, so
+    logit i is the mean of slice i. Rows are mutually orthogonal with equal norms."""
+    if hidden_size % num_experts:
+        raise ValueError(f"the GrAP gate needs hidden size {hidden_size} divisible by the "
+                         f"{num_experts} experts (each expert averages one equal slice).")
+    w = torch.zeros(num_experts, hidden_size, dtype=dtype)
+    s = hidden_size // num_experts
+    for i in range(num_experts):
+        w[i, i * s:(i + 1) * s] = num_experts / hidden_size
+    return w
+
+
+def chosen_expert_cosine(hidden: torch.Tensor, gate_weight: torch.Tensor,
+                         routing_map: torch.Tensor) -> torch.Tensor:
+    """cos(x_t, w_e) for every chosen (t, e): [T, H], [E, H], Bool[T, E] -> [pairs] float32."""
+    x = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    w = torch.nn.functional.normalize(gate_weight.float(), dim=-1)
+    return (x @ w.t())[routing_map]
+
+
+@dataclass
+class CapacityBound:
+    """Theorem 1's lower bound on expert capacity (tokens), in both forms."""
+
+    delta: float
+    hidden_size: int
+    num_experts: int
+    beta_form: float   # 1 / (n (1 - I_{delta^2}(1/2, (d-1)/2)))
+    erfc_form: float   # 1 / (n erfc(sqrt(delta^2 d / (2 - delta^2))))
+
+
+def capacity_lower_bound(delta: float, hidden_size: int, num_experts: int) -> CapacityBound:
+    """ec_min for angle statistic `delta` in (0, 1), model width d and n experts (float64/mpmath).
+
+    The incomplete-beta form is exact under the paper's assumptions; the erfc form is its large-d
+    approximation. Both grow like exp(delta^2 d / (2 - delta^2)): guard before using them."""
+    import mpmath
+
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}.")
+    d, n = hidden_size, num_experts
+    tail = 1 - mpmath.betainc(0.5, (d - 1) / 2, 0, delta ** 2, regularized=True)
+    beta_form = float(1 / (n * tail)) if tail > 0 else math.inf
+    z = math.sqrt(delta ** 2 * d / (2 - delta ** 2))
+    erfc = float(mpmath.erfc(z))
+    erfc_form = 1 / (n * erfc) if erfc > 0 else math.inf
+    return CapacityBound(delta, d, n, beta_form, erfc_form)
+
+
+def capacity_factor_from_bound(bound_tokens: float, *, num_tokens: int, topk: int, num_experts: int,
+                               max_capacity_factor: float) -> tuple[float, bool]:
+    """Megatron capacity factor that gives at least `bound_tokens` per expert, clamped to
+    `max_capacity_factor`. Returns (factor, clamped). Megatron's capacity is
+    ceil(T k / E * factor)."""
+    per_expert = num_tokens * topk / num_experts
+    factor = bound_tokens / per_expert if per_expert > 0 else max_capacity_factor
+    if not math.isfinite(factor) or factor > max_capacity_factor:
+        return max_capacity_factor, True
+    return factor, False

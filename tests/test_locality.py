@@ -1,0 +1,119 @@
+"""LocMoE: locality loss, GrAP gate, capacity bound (float64 references), and the router on real
+Megatron classes."""
+
+import math
+
+import mpmath
+import pytest
+import torch
+
+from megatron_moe_ext.config import MoEExtConfig
+from megatron_moe_ext.routing.locality import (
+    capacity_factor_from_bound,
+    capacity_lower_bound,
+    grap_gate_weight,
+    locality_loss,
+    localized_distribution,
+    node_local_expert_mask,
+)
+
+
+def test_node_local_mask():
+    # 8 experts, EP 4 (2 per rank), 2 EP ranks per node: rank 3 is on node 1 = ranks {2, 3}
+    assert node_local_expert_mask(8, 4, 3, 2).tolist() == [False] * 4 + [True] * 4
+    assert node_local_expert_mask(8, 4, 0, 4).all()
+
+
+def test_locality_loss_hand_computed():
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.5, 0.3, 0.1, 0.1]], dtype=torch.float64)
+    local = torch.tensor([True, True, False, False])
+    eps = 0.1
+    # D_c = (0.6, 0.2, 0.1, 0.1); D_l = (0.45, 0.45, 0.05, 0.05)
+    d_c = [0.6, 0.2, 0.1, 0.1]
+    d_l = [0.45, 0.45, 0.05, 0.05]
+    expected = sum(c * math.log(c / l) for c, l in zip(d_c, d_l))
+    assert locality_loss(probs, local, eps=eps).item() == pytest.approx(expected, rel=1e-12)
+    assert localized_distribution(local, eps).tolist() == pytest.approx(d_l)
+
+
+def test_locality_loss_pushes_mass_to_local_experts_and_is_finite():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    local = node_local_expert_mask(8, 2, 0, 1)
+    loss = locality_loss(torch.softmax(logits, -1), local, eps=1e-6)
+    assert torch.isfinite(loss)
+    loss.backward()
+    with torch.no_grad():
+        stepped = logits - 1.0 * logits.grad
+        before = torch.softmax(logits, -1)[:, local].sum(1).mean()
+        after = torch.softmax(stepped, -1)[:, local].sum(1).mean()
+    assert after > before + 1e-3
+    # gradient sign: it raises local logits relative to remote ones
+    assert (logits.grad[:, local].mean() < 0) and (logits.grad[:, ~local].mean() > 0)
+    # fully local routing is a (near) minimum: tiny loss
+    concentrated = torch.zeros(4, 8, dtype=torch.float64)
+    concentrated[:, :4] = 0.25
+    assert locality_loss(concentrated, local, eps=1e-6).item() < 1e-5
+
+
+def test_grap_gate_is_exactly_block_orthogonal():
+    w = grap_gate_weight(8, 64, torch.float64)
+    gram = w @ w.t()
+    assert torch.equal(gram, torch.diag(torch.diagonal(gram)))
+    assert torch.allclose(torch.diagonal(gram), torch.full((8,), 8 / 64, dtype=torch.float64))
+    x = torch.randn(5, 64, dtype=torch.float64)
+    assert torch.allclose(x @ w.t(), x.view(5, 8, 8).mean(-1))
+    with pytest.raises(ValueError, match="divisible"):
+        grap_gate_weight(8, 60)
+
+
+@pytest.mark.parametrize("delta,d,n", [(0.03, 5120, 16), (0.03, 4096, 8), (0.05, 4096, 8), (0.2, 64, 4)])
+def test_capacity_bound_matches_float64_reference(delta, d, n):
+    b = capacity_lower_bound(delta, d, n)
+    # independent reference: p = P(|cos| >= delta) on the unit sphere in R^d, by numerical
+    # integration of the density of cos theta: c (1 - t^2)^((d-3)/2)
+    mpmath.mp.dps = 30
+    dens = lambda t: (1 - t ** 2) ** ((d - 3) / 2)  # noqa: E731
+    p = 2 * mpmath.quad(dens, [delta, 1]) / mpmath.quad(dens, [-1, 1])
+    assert b.beta_form == pytest.approx(float(1 / (n * p)), rel=1e-9)
+    # the erfc form approximates it for large d (within 15% at d >= 4096 here)
+    if d >= 4096:
+        assert b.erfc_form == pytest.approx(b.beta_form, rel=0.15)
+
+
+def test_capacity_bound_paper_figures_and_clamp():
+    # the methods doc's erfc evaluations: d=5120, n=16, delta=0.03 -> 1.97; d=4096, n=8 -> 2.28
+    assert capacity_lower_bound(0.03, 5120, 16).erfc_form == pytest.approx(1.97, abs=0.01)
+    assert capacity_lower_bound(0.03, 4096, 8).erfc_form == pytest.approx(2.28, abs=0.01)
+    huge = capacity_lower_bound(0.1, 4096, 8).beta_form
+    factor, clamped = capacity_factor_from_bound(huge, num_tokens=4096, topk=2, num_experts=8,
+                                                 max_capacity_factor=1.25)
+    assert clamped and factor == 1.25
+    factor, clamped = capacity_factor_from_bound(512.0, num_tokens=4096, topk=2, num_experts=8,
+                                                 max_capacity_factor=1.25)
+    assert not clamped and factor == pytest.approx(0.5)
+
+
+def test_locmoe_router_on_megatron(megatron_cpu):
+    import functools
+
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+
+    from megatron_moe_ext.megatron.router import LocMoERouter
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2)
+    for gate in ("learned", "grap"):
+        ext = MoEExtConfig(router_policy="locmoe", locmoe_mu=0.5, locmoe_gate=gate)
+        r = functools.partial(LocMoERouter, ext_cfg=ext)(config=cfg, pg_collection=get_default_pg_collection())
+        r.set_layer_number(1)
+        r.train()
+        assert torch.equal(r.weight.detach(), grap_gate_weight(8, 16))
+        assert r.weight.requires_grad == (gate == "learned")
+        x = torch.randn(16, 2, 16, requires_grad=True)
+        probs, rmap = r(x)
+        assert rmap.sum(1).eq(2).all()
+        probs.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        # EP=1: every expert is local, KL(D_c || uniform) >= 0 is recorded
+        assert r.locality_kl_sum[1] == 1 and r.locality_kl_sum[0] >= 0
