@@ -31,6 +31,7 @@ _ATTR_FOR_FIELD = {
     "locmoe_mu": "moe_locmoe_mu",
     "locmoe_eps": "moe_locmoe_eps",
     "locmoe_gate": "moe_locmoe_gate",
+    "locmoe_capacity": "moe_locmoe_capacity",
     "routing_trace_interval": "routing_trace_interval",
     "routing_trace_max_tokens": "routing_trace_max_tokens",
 }
@@ -80,6 +81,9 @@ def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="LocMoE: mass the fully localized distribution leaves on remote experts.")
     g.add_argument("--moe-locmoe-gate", choices=("learned", "grap"), default=d["locmoe_gate"].default,
                    help="LocMoE: learned gate initialised to GrAP, or the fixed GrAP gate.")
+    g.add_argument("--moe-locmoe-capacity", choices=("off", "bound"), default="off",
+                   help="LocMoE: expert capacity from the paper's lower bound (estimated each step), "
+                        "clamped to --moe-expert-capacity-factor.")
     g.add_argument("--moe-dedup-dispatch", action="store_true",
                    help="Send each token once per destination EP rank instead of once per expert.")
     return parser

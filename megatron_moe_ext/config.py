@@ -82,6 +82,10 @@ class MoEExtConfig:
     locmoe_gate: str = "learned"
     """--moe-locmoe-gate {learned,grap}: GrAP-initialised learned gate, or the fixed GrAP gate."""
 
+    locmoe_capacity: str = "off"
+    """--moe-locmoe-capacity {off,bound}: use LocMoE's capacity lower bound as the expert
+    capacity, clamped to --moe-expert-capacity-factor."""
+
     dedup_dispatch: bool = False
     """--moe-dedup-dispatch: send each token once per destination EP rank (not per expert)."""
 
@@ -135,7 +139,8 @@ class MoEExtConfig:
                 "profile.json; choose an empty folder so that no profile is overwritten.")
         loc_flags = [f for f, v in (("--moe-locmoe-mu", self.locmoe_mu != 0.01),
                                     ("--moe-locmoe-eps", self.locmoe_eps != 1e-3),
-                                    ("--moe-locmoe-gate", self.locmoe_gate != "learned")) if v]
+                                    ("--moe-locmoe-gate", self.locmoe_gate != "learned"),
+                                    ("--moe-locmoe-capacity", self.locmoe_capacity != "off")) if v]
         if loc_flags and self.router_policy not in ("locmoe", "locmoe-plus"):
             raise MoEExtConfigError(f"{loc_flags[0]} applies to the LocMoE routers only; add "
                                     "--moe-router-policy locmoe or drop the flag.")
@@ -143,6 +148,8 @@ class MoEExtConfig:
             raise MoEExtConfigError("--moe-locmoe-mu must be >= 0.")
         if not 0 < self.locmoe_eps < 1:
             raise MoEExtConfigError("--moe-locmoe-eps must be between 0 and 1 (exclusive).")
+        if self.locmoe_capacity not in ("off", "bound"):
+            raise MoEExtConfigError("--moe-locmoe-capacity must be off or bound.")
         if self.locmoe_gate not in ("learned", "grap"):
             raise MoEExtConfigError("--moe-locmoe-gate must be learned or grap.")
         if self.c2r_warmup_steps < 0:
@@ -191,6 +198,10 @@ class MoEExtConfig:
                 raise MoEExtConfigError(f"--moe-dedup-dispatch does not support {flag} yet; drop one of them.")
 
     def _validate_locmoe(self, num_experts: int, ep_size: int, world_size: int, a) -> None:
+        if self.locmoe_capacity == "bound" and getattr(a, "moe_expert_capacity_factor", None) is None:
+            raise MoEExtConfigError(
+                "--moe-locmoe-capacity bound drops tokens through Megatron's capacity path, which "
+                "needs --moe-expert-capacity-factor (the upper clamp, for example 1.25).")
         hidden = getattr(a, "hidden_size", None)
         if hidden is not None and hidden % num_experts:
             raise MoEExtConfigError(

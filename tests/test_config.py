@@ -43,6 +43,8 @@ def test_defaults_round_trip_from_flags():
     (["--moe-router-policy", "locmoe", "--moe-locmoe-mu", "-1"], {}, "--moe-locmoe-mu"),
     (["--moe-router-policy", "locmoe", "--moe-locmoe-eps", "0"], {}, "--moe-locmoe-eps"),
     (["--moe-router-policy", "locmoe"], {"hidden_size": 100}, "--hidden-size"),
+    (["--moe-locmoe-capacity", "bound"], {}, "--moe-locmoe-capacity"),
+    (["--moe-router-policy", "locmoe", "--moe-locmoe-capacity", "bound"], {}, "--moe-expert-capacity-factor"),
     (["--moe-router-policy", "locmoe-plus"], {}, "--moe-router-policy"),
     (["--moe-ranks-per-node", "0"], {}, "--moe-ranks-per-node"),
     (["--moe-ranks-per-node", "3"], {"expert_model_parallel_size": 4}, "--moe-ranks-per-node"),

@@ -117,3 +117,41 @@ def test_locmoe_router_on_megatron(megatron_cpu):
         assert x.grad is not None and torch.isfinite(x.grad).all()
         # EP=1: every expert is local, KL(D_c || uniform) >= 0 is recorded
         assert r.locality_kl_sum[1] == 1 and r.locality_kl_sum[0] >= 0
+
+
+def test_capacity_bound_drops_through_megatron_capacity_path(megatron_cpu):
+    import functools
+
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+
+    from megatron_moe_ext.megatron.router import LocMoERouter
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2,
+                                  moe_expert_capacity_factor=1.25)
+    ext = MoEExtConfig(router_policy="locmoe", locmoe_capacity="bound")
+    r = functools.partial(LocMoERouter, ext_cfg=ext)(config=cfg, pg_collection=get_default_pg_collection())
+    r.set_layer_number(1)
+    r.train()
+    probs, rmap = r(torch.randn(64, 1, 16))
+    factor = float(r.capacity_stats[0])
+    assert r.capacity_stats[1] == 1 and 0 < factor <= 1.25
+    capacity = math.ceil(64 * 2 / 8 * factor)
+    assert (rmap.sum(0) <= capacity).all()
+    assert rmap.sum() < 64 * 2  # with d=16 the bound is small: tokens are dropped
+    assert 0 < r.locmoe_delta.item() < 1
+
+
+@pytest.mark.dist
+def test_locmoe_pretrain_ep2_two_nodes(tmp_path):
+    from conftest import pretrain_cpu, run_log_rows
+
+    log = tmp_path / "loc.jsonl"
+    pretrain_cpu(tmp_path, tmp_path / "ckpt", log, "--moe-router-policy", "locmoe",
+                 "--moe-locmoe-mu", "1.0", "--moe-ranks-per-node", "1")
+    rows = [r for r in run_log_rows(log) if r["kind"] == "train"]
+    assert len(rows) == 8
+    for r in rows:
+        assert math.isfinite(r["lm loss"]) and math.isfinite(r["moe_ext/locality_kl"])
+        assert r["moe_ext/locality_kl"] > 0  # two nodes: remote experts carry mass
+        assert r["moe_ext/inter_node_rows_per_token"] == r["moe_ext/remote_rows_per_token"]

@@ -167,7 +167,14 @@ class MoEMetricsRecorder:
             r.locality_kl_sum.zero_()
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
-        return {"moe_ext/locality_kl": float(total[0] / total[1].clamp_min(1))}
+        out = {"moe_ext/locality_kl": float(total[0] / total[1].clamp_min(1))}
+        caps = torch.stack([r.capacity_stats for r in routers]).sum(0)
+        for r in routers:
+            r.capacity_stats.zero_()
+        if caps[1] > 0:  # same on every rank: the factor is agreed over the layer's group
+            out["moe_ext/capacity_factor"] = float(caps[0] / caps[1])
+            out["moe_ext/capacity_clamped_fraction"] = float(caps[2] / caps[1])
+        return out
 
     @staticmethod
     def _write(out: Dict[str, object], iteration: int) -> None:

@@ -67,6 +67,11 @@ class PolicyRouter(TopKRouter):
     def observe_selection(self, indices: torch.Tensor) -> None:
         """Called with the chosen experts [T, topk] of every training forward (no-op here)."""
 
+    def capacity_factor(self, logits: torch.Tensor, routing_map: torch.Tensor):
+        """Capacity factor for token dropping this step (None: dropless). Megatron's static
+        `--moe-expert-capacity-factor` here; policies may lower it per step."""
+        return self.config.moe_expert_capacity_factor
+
     def select(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Choose experts. logits [T, E] (after z-loss) -> (probs [T, E], zero off the selection;
         routing_map [T, E] bool with exactly `self.topk` True per row)."""
@@ -99,10 +104,11 @@ class PolicyRouter(TopKRouter):
         probs, routing_map = self.select(logits)
         chosen_map = routing_map
 
-        if self.config.moe_expert_capacity_factor is not None:
+        capacity_factor = self.capacity_factor(logits, routing_map)
+        if capacity_factor is not None:
             probs, routing_map = apply_router_token_dropping(
                 probs, routing_map, router_topk=self.topk,
-                capacity_factor=self.config.moe_expert_capacity_factor,
+                capacity_factor=capacity_factor,
                 drop_policy=self.config.moe_token_drop_policy,
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
             )
@@ -251,6 +257,55 @@ class LocMoERouter(PolicyRouter):
         self.register_buffer("locality_mask", node_local_expert_mask(E, ep_size, ep_rank, ep_rpn).to(
             self.weight.device), persistent=False)
         self.locality_kl_sum = torch.zeros(2, dtype=torch.float64, device=self.weight.device)
+        # capacity lower bound (--moe-locmoe-capacity bound): EMA of the angle statistic delta,
+        # and [sum of applied factors, count, clamped count] for logging
+        self.register_buffer("locmoe_delta", torch.zeros(1, dtype=torch.float64), persistent=False)
+        self.capacity_stats = torch.zeros(3, dtype=torch.float64)
+        self._clamp_warned = False
+        self._last_input = None
+
+    def forward(self, input, padding_mask=None):
+        self._last_input = input  # the bound's angle statistic needs the hidden states
+        try:
+            return super().forward(input, padding_mask=padding_mask)
+        finally:
+            self._last_input = None
+
+    def capacity_factor(self, logits, routing_map):
+        """With --moe-locmoe-capacity bound: Theorem 1's lower bound on tokens per expert, from
+        an EMA of delta = mean cosine between tokens and their chosen expert's gate vector,
+        turned into a capacity factor and clamped to --moe-expert-capacity-factor."""
+        cf = self.config.moe_expert_capacity_factor
+        if self.ext_cfg.locmoe_capacity != "bound" or self._last_input is None:
+            return cf
+        from megatron_moe_ext.routing.locality import (
+            capacity_factor_from_bound,
+            capacity_lower_bound,
+            chosen_expert_cosine,
+        )
+
+        with torch.no_grad():
+            hidden = self._last_input.reshape(-1, self._last_input.shape[-1])
+            delta = chosen_expert_cosine(hidden, self.weight, routing_map).mean().double()
+            if torch.distributed.is_initialized() and self.tp_dp_cp_group is not None:
+                # one capacity for every rank of the layer
+                torch.distributed.all_reduce(delta, group=self.tp_dp_cp_group)
+                delta /= torch.distributed.get_world_size(self.tp_dp_cp_group)
+            first = bool(self.locmoe_delta.item() == 0)
+            self.locmoe_delta.mul_(0.0 if first else 0.9).add_(delta.cpu() * (1.0 if first else 0.1))
+            d = float(self.locmoe_delta.clamp(1e-6, 0.999).item())
+        bound = capacity_lower_bound(d, self.config.hidden_size, self.config.num_moe_experts).beta_form
+        factor, clamped = capacity_factor_from_bound(
+            bound, num_tokens=routing_map.shape[0], topk=self.topk,
+            num_experts=self.config.num_moe_experts, max_capacity_factor=cf)
+        self.capacity_stats += torch.tensor([factor, 1.0, float(clamped)], dtype=torch.float64)
+        if clamped and not self._clamp_warned:
+            import warnings
+
+            warnings.warn(f"LocMoE capacity bound for delta={d:.3f} ({bound:.3g} tokens per expert) "
+                          f"exceeds --moe-expert-capacity-factor {cf}; clamped to it.")
+            self._clamp_warned = True
+        return factor
 
     def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
         return torch.topk(scores, self.topk, dim=1).indices

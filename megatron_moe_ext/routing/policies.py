@@ -54,6 +54,13 @@ def topk_policy(logits: torch.Tensor, topk: int, ctx: PolicyContext) -> torch.Te
     return torch.topk(logits, topk, dim=1).indices
 
 
+@register_policy("locmoe", help="LocMoE's selection: top-k of logits shaped by the locality loss "
+                                "(use it on a trace of a model trained with --moe-router-policy locmoe)")
+def locmoe_policy(logits: torch.Tensor, topk: int, ctx: PolicyContext) -> torch.Tensor:
+    """LocMoE changes training (a loss), not the selection rule: top-k of the logits. [T,E]->[T,k]"""
+    return topk_policy(logits, topk, ctx)
+
+
 def _c2r_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-t", type=int, default=None,
                    help="c2r: partners per expert (default: experts per rank - 1)")
