@@ -32,6 +32,8 @@ _ATTR_FOR_FIELD = {
     "locmoe_eps": "moe_locmoe_eps",
     "locmoe_gate": "moe_locmoe_gate",
     "locmoe_capacity": "moe_locmoe_capacity",
+    "locmoe_plus_tau": "moe_locmoe_plus_tau",
+    "locmoe_plus_reestimate_interval": "moe_locmoe_plus_reestimate_interval",
     "routing_trace_interval": "routing_trace_interval",
     "routing_trace_max_tokens": "routing_trace_max_tokens",
 }
@@ -84,6 +86,12 @@ def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--moe-locmoe-capacity", choices=("off", "bound"), default="off",
                    help="LocMoE: expert capacity from the paper's lower bound (estimated each step), "
                         "clamped to --moe-expert-capacity-factor.")
+    g.add_argument("--moe-locmoe-plus-tau", type=float, default=d["locmoe_plus_tau"].default,
+                   help="LocMoE+: a token proposes its fewest top experts whose affinities reach "
+                        "tau x its positive affinity sum (at most k).")
+    g.add_argument("--moe-locmoe-plus-reestimate-interval", type=int,
+                   default=d["locmoe_plus_reestimate_interval"].default, metavar="N",
+                   help="LocMoE+: re-estimate the expert capacity every N iterations (0: never).")
     g.add_argument("--moe-dedup-dispatch", action="store_true",
                    help="Send each token once per destination EP rank instead of once per expert.")
     return parser

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 ROUTER_POLICIES = ("topk", "c2r", "locmoe", "locmoe-plus")
-# Policies whose implementation has landed. The others are accepted by the parser (so that
-# `--help` shows the whole surface) and rejected by validation with "not yet implemented".
-IMPLEMENTED_ROUTER_POLICIES = ("topk", "c2r", "locmoe")
 
 
 class MoEExtConfigError(ValueError):
@@ -86,6 +83,14 @@ class MoEExtConfig:
     """--moe-locmoe-capacity {off,bound}: use LocMoE's capacity lower bound as the expert
     capacity, clamped to --moe-expert-capacity-factor."""
 
+    locmoe_plus_tau: float = 0.8
+    """--moe-locmoe-plus-tau: LocMoE+ token-choice threshold; a token proposes its fewest top
+    experts whose affinities reach tau x the sum of its positive affinities (at most k)."""
+
+    locmoe_plus_reestimate_interval: int = 50
+    """--moe-locmoe-plus-reestimate-interval N: re-estimate the LocMoE+ capacity every N
+    iterations (0: keep Megatron's capacity)."""
+
     dedup_dispatch: bool = False
     """--moe-dedup-dispatch: send each token once per destination EP rank (not per expert)."""
 
@@ -107,11 +112,6 @@ class MoEExtConfig:
             raise MoEExtConfigError(
                 f"--moe-router-policy {self.router_policy!r} is unknown; "
                 f"choose one of {', '.join(ROUTER_POLICIES)}."
-            )
-        if self.router_policy not in IMPLEMENTED_ROUTER_POLICIES:
-            raise MoEExtConfigError(
-                f"--moe-router-policy {self.router_policy} is not yet implemented in this version; "
-                f"use --moe-router-policy topk."
             )
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise MoEExtConfigError(
@@ -148,6 +148,19 @@ class MoEExtConfig:
             raise MoEExtConfigError("--moe-locmoe-mu must be >= 0.")
         if not 0 < self.locmoe_eps < 1:
             raise MoEExtConfigError("--moe-locmoe-eps must be between 0 and 1 (exclusive).")
+        plus_flags = [f for f, v in (("--moe-locmoe-plus-tau", self.locmoe_plus_tau != 0.8),
+                                     ("--moe-locmoe-plus-reestimate-interval",
+                                      self.locmoe_plus_reestimate_interval != 50)) if v]
+        if plus_flags and self.router_policy != "locmoe-plus":
+            raise MoEExtConfigError(f"{plus_flags[0]} applies to LocMoE+ only; add "
+                                    "--moe-router-policy locmoe-plus or drop the flag.")
+        if not 0 < self.locmoe_plus_tau <= 1:
+            raise MoEExtConfigError("--moe-locmoe-plus-tau must be in (0, 1].")
+        if self.locmoe_plus_reestimate_interval < 0:
+            raise MoEExtConfigError("--moe-locmoe-plus-reestimate-interval must be >= 0.")
+        if self.router_policy == "locmoe-plus" and self.locmoe_capacity != "off":
+            raise MoEExtConfigError("--moe-locmoe-capacity is LocMoE's; LocMoE+ re-estimates its own "
+                                    "capacity (--moe-locmoe-plus-reestimate-interval), so drop it.")
         if self.locmoe_capacity not in ("off", "bound"):
             raise MoEExtConfigError("--moe-locmoe-capacity must be off or bound.")
         if self.locmoe_gate not in ("learned", "grap"):
@@ -177,7 +190,7 @@ class MoEExtConfig:
             )
         if self.router_policy == "c2r":
             self._validate_c2r(num_experts, topk, ep_size)
-        if self.router_policy == "locmoe":
+        if self.router_policy in ("locmoe", "locmoe-plus"):
             self._validate_locmoe(num_experts, ep_size, world_size, megatron_args)
         if self.dedup_dispatch and megatron_args is not None:
             self._validate_dedup(megatron_args)
@@ -198,6 +211,11 @@ class MoEExtConfig:
                 raise MoEExtConfigError(f"--moe-dedup-dispatch does not support {flag} yet; drop one of them.")
 
     def _validate_locmoe(self, num_experts: int, ep_size: int, world_size: int, a) -> None:
+        if self.router_policy == "locmoe-plus" and getattr(a, "moe_expert_capacity_factor", None) is None:
+            raise MoEExtConfigError(
+                "--moe-router-policy locmoe-plus gives tokens fewer than k experts, which Megatron's "
+                "dispatchers handle only on the capacity path; set --moe-expert-capacity-factor "
+                "(for example 1.0).")
         if self.locmoe_capacity == "bound" and getattr(a, "moe_expert_capacity_factor", None) is None:
             raise MoEExtConfigError(
                 "--moe-locmoe-capacity bound drops tokens through Megatron's capacity path, which "

@@ -44,6 +44,10 @@ def test_defaults_round_trip_from_flags():
     (["--moe-router-policy", "locmoe", "--moe-locmoe-eps", "0"], {}, "--moe-locmoe-eps"),
     (["--moe-router-policy", "locmoe"], {"hidden_size": 100}, "--hidden-size"),
     (["--moe-locmoe-capacity", "bound"], {}, "--moe-locmoe-capacity"),
+    (["--moe-locmoe-plus-tau", "0.5"], {}, "--moe-locmoe-plus-tau"),
+    (["--moe-router-policy", "locmoe-plus"], {}, "--moe-expert-capacity-factor"),
+    (["--moe-router-policy", "locmoe-plus", "--moe-locmoe-plus-tau", "0"],
+     {"moe_expert_capacity_factor": 1.0}, "--moe-locmoe-plus-tau"),
     (["--moe-router-policy", "locmoe", "--moe-locmoe-capacity", "bound"], {}, "--moe-expert-capacity-factor"),
     (["--moe-router-policy", "locmoe-plus"], {}, "--moe-router-policy"),
     (["--moe-ranks-per-node", "0"], {}, "--moe-ranks-per-node"),
@@ -58,11 +62,6 @@ def test_invalid_combinations_name_the_flag(flags, megatron, flag_named):
     msg = str(err.value)
     assert flag_named in msg
     assert msg.count(". ") == 0 and msg.endswith("."), "one sentence"
-
-
-def test_not_yet_implemented_policies_say_so():
-    with pytest.raises(MoEExtConfigError, match="not yet implemented.*--moe-router-policy topk"):
-        MoEExtConfig(router_policy="locmoe-plus")
 
 
 def test_c2r_plan_mismatch_names_the_file(tmp_path):
@@ -105,5 +104,5 @@ def test_pretrain_entry_rejects_bad_flags_before_training(tmp_path):
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"})
     assert proc.returncode == 2
     err_lines = [l for l in proc.stderr.splitlines() if "error:" in l]
-    assert len(err_lines) == 1 and "--moe-router-policy locmoe-plus" in err_lines[0]
+    assert len(err_lines) == 1 and "--moe-expert-capacity-factor" in err_lines[0]
     assert not (tmp_path / "ckpt").exists()

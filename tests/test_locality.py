@@ -155,3 +155,77 @@ def test_locmoe_pretrain_ep2_two_nodes(tmp_path):
         assert math.isfinite(r["lm loss"]) and math.isfinite(r["moe_ext/locality_kl"])
         assert r["moe_ext/locality_kl"] > 0  # two nodes: remote experts carry mass
         assert r["moe_ext/inter_node_rows_per_token"] == r["moe_ext/remote_rows_per_token"]
+
+
+def test_token_choice_and_expert_choice_against_loops():
+    from megatron_moe_ext.routing.locality import expert_choice_keep, token_choice_lengths
+
+    g = torch.Generator().manual_seed(5)
+    aff = torch.rand(40, 6, generator=g) * 2 - 0.5
+    lengths = token_choice_lengths(aff, 3, 0.7)
+    for t in range(40):
+        pos = sorted((v for v in aff[t].tolist() if v > 0), reverse=True)
+        total, acc, want = sum(pos), 0.0, 3
+        for i, v in enumerate(sorted(aff[t].tolist(), reverse=True)[:3]):
+            acc += max(v, 0.0)
+            if acc >= 0.7 * total - 1e-12:
+                want = i + 1
+                break
+        assert lengths[t] == want, t
+    proposed = torch.rand(40, 6, generator=g) > 0.5
+    keep = expert_choice_keep(aff, proposed, 4)
+    for e in range(6):
+        cands = [t for t in range(40) if proposed[t, e]]
+        best = set(sorted(cands, key=lambda t: -aff[t, e].item())[:4])
+        assert set(keep[:, e].nonzero().flatten().tolist()) == best
+
+
+def test_locmoe_plus_router_truncates_and_logs(megatron_cpu, monkeypatch):
+    import functools
+
+    import megatron.core.num_microbatches_calculator as nmc
+
+    monkeypatch.setattr(nmc, "get_num_microbatches", lambda: 1)
+
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+
+    from megatron_moe_ext.megatron.router import LocMoEPlusRouter
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2,
+                                  moe_expert_capacity_factor=0.5)
+    ext = MoEExtConfig(router_policy="locmoe-plus", locmoe_plus_tau=0.9)
+    r = functools.partial(LocMoEPlusRouter, ext_cfg=ext)(config=cfg, pg_collection=get_default_pg_collection())
+    r.set_layer_number(1)
+    r.train()
+    x = torch.randn(64, 1, 16, requires_grad=True)
+    probs, rmap = r(x)
+    capacity = math.ceil(64 * 2 / 8 * 0.5)
+    assert (rmap.sum(0) <= capacity).all() and (rmap.sum(1) <= 2).all()
+    assert torch.equal(probs != 0, rmap)
+    dropped = float((rmap.sum(1) == 0).sum())
+    assert r.plus_stats[0] == dropped > 0 and r.plus_stats[1] == 64
+    probs.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # re-estimation: at d=16 the resonance bound is tiny, so the capacity falls to it
+    ext.locmoe_plus_reestimate_interval = 2
+    r(torch.randn(64, 1, 16))
+    assert r.resonance_capacity is not None and 1 <= r.resonance_capacity <= capacity
+
+
+@pytest.mark.dist
+def test_locmoe_plus_pretrain_ep2(tmp_path):
+    from conftest import pretrain_cpu, run_log_rows
+
+    log = tmp_path / "plus.jsonl"
+    pretrain_cpu(tmp_path, tmp_path / "ckpt", log, "--moe-router-policy", "locmoe-plus",
+                 "--moe-expert-capacity-factor", "1.0", "--moe-locmoe-plus-reestimate-interval", "4",
+                 "--moe-ranks-per-node", "1")
+    rows = [r for r in run_log_rows(log) if r["kind"] == "train"]
+    assert len(rows) == 8
+    for r in rows:
+        assert math.isfinite(r["lm loss"]) and 0 <= r["moe_ext/dropped_token_fraction"] < 1
+        assert 1 <= r["moe_ext/expert_capacity"] <= 2 * 64 * 2 / 4  # never above the cf capacity
+        assert r["moe_ext/rows_per_token"] <= 2.0
+    # after the first re-estimate (iteration 4) the capacity is the resonance bound, below cf's
+    assert rows[-1]["moe_ext/expert_capacity"] <= rows[0]["moe_ext/expert_capacity"]

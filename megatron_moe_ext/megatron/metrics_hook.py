@@ -174,6 +174,15 @@ class MoEMetricsRecorder:
         if caps[1] > 0:  # same on every rank: the factor is agreed over the layer's group
             out["moe_ext/capacity_factor"] = float(caps[0] / caps[1])
             out["moe_ext/capacity_clamped_fraction"] = float(caps[2] / caps[1])
+        plus = [r.plus_stats for r in routers if hasattr(r, "plus_stats")]
+        if plus:  # LocMoE+: tokens kept by no expert, and the capacity in use
+            total = torch.stack(plus).sum(0)
+            for r in routers:
+                r.plus_stats.zero_()
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(total)
+            out["moe_ext/dropped_token_fraction"] = float(total[0] / total[1].clamp_min(1))
+            out["moe_ext/expert_capacity"] = float(total[2] / total[3].clamp_min(1))
         return out
 
     @staticmethod

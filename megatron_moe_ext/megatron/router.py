@@ -9,6 +9,7 @@ balance an assignment the policy never makes. Here they see the routing actually
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -327,3 +328,60 @@ class LocMoERouter(PolicyRouter):
             self.locality_kl_sum += torch.stack([kl.detach().double(), kl.new_ones(()).double()])
         return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
                                                        self.tp_cp_group)
+
+
+class LocMoEPlusRouter(LocMoERouter):
+    """LocMoE+ (expert-token resonance): token-choice top-l by affinity (l from the threshold
+    rule), then each expert keeps its C highest-affinity tokens; tokens kept nowhere ride the
+    residual path. C starts at Megatron's capacity (--moe-expert-capacity-factor, required: the
+    dispatcher then sizes buffers from the routing map) and is re-estimated every N iterations
+    from the affinity statistics (Remark 7's decreasing bound), never above that capacity.
+    The locality loss and the GrAP gate are LocMoE's."""
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, ext_cfg=None) -> None:
+        super().__init__(config, pg_collection, is_mtp_layer, ext_cfg=ext_cfg)
+        self.resonance_capacity = None           # tokens per expert once re-estimated
+        self.plus_forwards = 0
+        # [dropped tokens, tokens, capacity sum, forwards] since the last report
+        self.plus_stats = torch.zeros(4, dtype=torch.float64)
+
+    def select(self, logits):
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+        from megatron_moe_ext.routing.locality import (
+            affinity,
+            expert_choice_keep,
+            resonance_capacity,
+            token_choice_lengths,
+        )
+
+        T, E = logits.shape
+        k = self.topk
+        training = self.training and torch.is_grad_enabled()
+        with torch.no_grad():
+            hidden = self._last_input.reshape(-1, self._last_input.shape[-1])
+            aff = affinity(hidden, self.weight)                               # [T, E]
+            order = aff.topk(k, dim=1).indices                                 # [T, k]
+            lengths = token_choice_lengths(aff, k, self.ext_cfg.locmoe_plus_tau)
+            within = torch.arange(k, device=aff.device).unsqueeze(0) < lengths.unsqueeze(1)
+            proposed = torch.zeros_like(aff, dtype=torch.bool).scatter_(1, order, within)
+            base = math.ceil(T * k / E * self.config.moe_expert_capacity_factor)
+            capacity = min(base, self.resonance_capacity or base)
+            keep = expert_choice_keep(aff, proposed, capacity)
+            if training:
+                self.plus_forwards += 1
+                interval = self.ext_cfg.locmoe_plus_reestimate_interval * get_num_microbatches()
+                if interval and self.plus_forwards % interval == 0:
+                    c = torch.tensor([resonance_capacity(aff.max(1).values, self.config.hidden_size, E)],
+                                     dtype=torch.float64)
+                    if torch.distributed.is_initialized() and self.tp_dp_cp_group is not None:
+                        torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MIN,
+                                                     group=self.tp_dp_cp_group)
+                    self.resonance_capacity = int(min(c.item(), base))
+                dropped = float((~keep.any(1)).sum())
+                self.plus_stats += torch.tensor([dropped, T, capacity, 1.0], dtype=torch.float64)
+        probs, _ = topk_routing_with_score_function(
+            logits, k, use_pre_softmax=self.config.moe_router_pre_softmax,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.score_function, precomputed_indices=order)
+        return probs * keep, keep

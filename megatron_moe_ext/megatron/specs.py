@@ -56,10 +56,11 @@ def router_class_for(ext_cfg: MoEExtConfig) -> Optional[Callable]:
         from megatron_moe_ext.megatron.router import C2RRouter
 
         return functools.partial(C2RRouter, ext_cfg=ext_cfg)
-    if ext_cfg.router_policy == "locmoe":
-        from megatron_moe_ext.megatron.router import LocMoERouter
+    if ext_cfg.router_policy in ("locmoe", "locmoe-plus"):
+        from megatron_moe_ext.megatron.router import LocMoEPlusRouter, LocMoERouter
 
-        return functools.partial(LocMoERouter, ext_cfg=ext_cfg)
+        cls = LocMoERouter if ext_cfg.router_policy == "locmoe" else LocMoEPlusRouter
+        return functools.partial(cls, ext_cfg=ext_cfg)
     raise NotImplementedError(f"--moe-router-policy {ext_cfg.router_policy} has no router yet.")
 
 

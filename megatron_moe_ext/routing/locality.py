@@ -122,3 +122,47 @@ def capacity_factor_from_bound(bound_tokens: float, *, num_tokens: int, topk: in
     if not math.isfinite(factor) or factor > max_capacity_factor:
         return max_capacity_factor, True
     return factor, False
+
+
+# --- LocMoE+ (expert-token resonance): affinity, token-choice top-l, expert-choice truncation ----
+
+def affinity(hidden: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """delta[t, i] = cos(x_t, w_i): [T, H], [E, H] -> [T, E] float32."""
+    x = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    w = torch.nn.functional.normalize(gate_weight.float(), dim=-1)
+    return x @ w.t()
+
+
+def token_choice_lengths(aff: torch.Tensor, max_l: int, tau: float) -> torch.Tensor:
+    """Per token, l_t = the fewest top experts whose affinities add up to tau times the sum of its
+    positive affinities, at least 1 and at most `max_l` (the model's k). [T, E] -> LongTensor[T].
+
+    This is our reading of "l is determined by a threshold of the sum of affinity scores"."""
+    top = aff.topk(max_l, dim=1).values.clamp_min(0)                       # [T, l]
+    total = aff.clamp_min(0).sum(1, keepdim=True)                           # [T, 1]
+    reached = top.cumsum(1) >= tau * total - 1e-12                          # [T, l]
+    first = torch.where(reached.any(1), reached.float().argmax(1), torch.full_like(total[:, 0], max_l - 1).long())
+    return (first + 1).clamp(1, max_l)
+
+
+def expert_choice_keep(aff: torch.Tensor, proposed: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Each expert keeps the `capacity` proposing tokens of highest affinity.
+
+    aff [T, E], proposed Bool[T, E] (token-choice stage) -> Bool[T, E] kept assignments."""
+    masked = torch.where(proposed, aff, torch.full_like(aff, float("-inf")))
+    c = min(capacity, aff.shape[0])
+    top_tokens = masked.topk(c, dim=0).indices                             # [C, E]
+    keep = torch.zeros_like(proposed)
+    keep.scatter_(0, top_tokens, True)
+    return keep & proposed
+
+
+def resonance_capacity(aff_max: torch.Tensor, hidden_size: int, num_experts: int, *,
+                       quantile: float = 0.9, floor: int = 1) -> int:
+    """LocMoE+ re-estimated capacity (Remark 7): C = (1/n) exp(d delta^2 / (2 - delta^2)) with
+    delta a high quantile of the tokens' best affinity, at least `floor`. Clamp it outside."""
+    delta = float(torch.quantile(aff_max.float().clamp(0, 0.999), quantile))
+    exponent = hidden_size * delta ** 2 / (2 - delta ** 2)
+    if exponent > 700:  # exp overflows float64: unbounded, the caller's clamp decides
+        return 1 << 62
+    return max(floor, math.ceil(math.exp(exponent) / num_experts))
