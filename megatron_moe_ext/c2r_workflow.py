@@ -57,8 +57,9 @@ def register(subparsers) -> None:
 
 
 def _fail(verb: str, msg: str) -> int:
-    print(f"megatron-moe-ext {verb}: error: {msg}", file=sys.stderr)
-    return 2
+    from megatron_moe_ext.cli import fail
+
+    return fail(verb, msg)
 
 
 def run_profile(ns: argparse.Namespace) -> int:

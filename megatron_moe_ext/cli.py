@@ -24,6 +24,12 @@ _VERB_MODULES = [
 ]
 
 
+def fail(verb: str, message: str) -> int:
+    """Print `megatron-moe-ext VERB: error: MESSAGE` (one sentence) and return exit code 2."""
+    print(f"megatron-moe-ext {verb}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-moe-ext",

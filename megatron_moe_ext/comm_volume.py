@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Dict, List
 
 import torch
@@ -56,8 +55,9 @@ def register(subparsers) -> None:
 
 
 def _fail(msg: str) -> int:
-    print(f"megatron-moe-ext comm-volume: error: {msg}", file=sys.stderr)
-    return 2
+    from megatron_moe_ext.cli import fail
+
+    return fail("comm-volume", msg)
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -253,8 +253,8 @@ class MoEExtConfig:
         if T < topk - 1:
             raise MoEExtConfigError(
                 f"--moe-c2r-top-t {T} is less than k-1 = {topk - 1} (--moe-router-topk {topk}); "
-                f"a token needs at least k-1 partners" + ("" if self.c2r_top_t is not None else
-                f", and the default (experts per rank - 1) is too small here, so set it") + ".")
+                "a token needs at least k-1 partners" + ("" if self.c2r_top_t is not None else
+                ", and the default (experts per rank - 1) is too small here, so set it") + ".")
         if T > num_experts - 1:
             raise MoEExtConfigError(f"--moe-c2r-top-t {T} exceeds the {num_experts - 1} other experts.")
         per_rank = num_experts // ep_size

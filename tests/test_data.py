@@ -3,7 +3,6 @@
 import gzip
 import os
 
-import numpy as np
 import pytest
 
 from megatron_moe_ext.cli import main

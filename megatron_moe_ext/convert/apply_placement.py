@@ -19,7 +19,6 @@ import io
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -58,8 +57,9 @@ def run(ns: argparse.Namespace) -> int:
     try:
         out = apply_placement(ns.load, ns.plan, ns.save, drop_optimizer=ns.drop_optimizer)
     except (PlacementError, PlanError) as e:
-        print(f"megatron-moe-ext apply-placement: error: {e}", file=sys.stderr)
-        return 2
+        from megatron_moe_ext.cli import fail
+
+        return fail("apply-placement", str(e))
     print(f"wrote {out}")
     return 0
 

@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -269,8 +268,9 @@ def run(ns: argparse.Namespace) -> int:
                                 seed=ns.seed)
         result = prepare_data(ns.output_dir, ns.input, cfg)
     except PrepareDataError as e:
-        print(f"megatron-moe-ext prepare-data: error: {e}", file=sys.stderr)
-        return 2
+        from megatron_moe_ext.cli import fail
+
+        return fail("prepare-data", str(e))
     print(result)
     print("Megatron flags: " + " ".join(result.megatron_args()))
     return 0

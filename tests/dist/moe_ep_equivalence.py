@@ -28,7 +28,7 @@ def run(ep: int, x_all: torch.Tensor, dy_all: torch.Tensor, weights, dispatcher:
                                                          moe_grouped_gemm=False).mlp)
     layer = MoELayer(cfg, subs)
     load_moe_weights(layer, weights)
-    rank, ws = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     sl = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK) if ep > 1 else slice(None)
     x = x_all[:, sl].clone().requires_grad_(True)
     y, _ = layer(x)
