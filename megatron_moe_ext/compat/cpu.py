@@ -18,7 +18,7 @@ What it does, in two layers:
     CPU: `megatron.training`, the optimizer and DDP do this about a hundred times.
   * torch.compile disabled (Megatron's `jit_fuser` helpers then run eagerly);
   * targeted fixes: the all-to-all split sizes (lists, not tensors), the triton-only paged-stash
-    module, the dataset-helper compile step and the JIT fusion options.
+    module and the JIT fusion options (and `megatron/wheel_fixes.py`, needed on GPUs too).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_moe_ext.training.presets import LOCAL_IMPL_FLAGS
 
 _ENABLED = False
 _CPU = torch.device("cpu")
@@ -224,10 +226,9 @@ def _stub_paged_stash_if_no_triton() -> None:
 
 def _patch_megatron_modules() -> None:
     """Patches on megatron modules; safe to call whether or not megatron.training is used."""
-    from megatron.core.datasets import utils as dataset_utils
+    from megatron_moe_ext.megatron.wheel_fixes import apply_wheel_fixes
 
-    # The wheel ships the compiled dataset helper and no Makefile.
-    dataset_utils.compile_helpers = _fresh(_noop)
+    apply_wheel_fixes()
     try:
         from megatron.training import initialize as mt_init
         from megatron.training import training as mt_training
@@ -278,19 +279,14 @@ def reset_rng_tracker_for_cpu() -> None:
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
-# Megatron's config flags that select CUDA-only fused kernels, off for CPU runs.
-CPU_MEGATRON_FLAGS = [
-    "--transformer-impl", "local",
-    "--no-gradient-accumulation-fusion",
+# Megatron's flags for a CPU run: no TE/apex kernels, no CUDA-only fusions, gloo.
+CPU_MEGATRON_FLAGS = LOCAL_IMPL_FLAGS + [
     "--use-cpu-initialization",
     "--distributed-backend", "gloo",
     "--inference-rng-tracker",
     "--no-bias-swiglu-fusion",
     "--no-bias-gelu-fusion",
     "--no-bias-dropout-fusion",
-    "--no-masked-softmax-fusion",
-    "--no-persist-layer-norm",
-    "--no-rope-fusion",
     "--clip-grad", "0.0",  # grad-norm clipping asserts CUDA tensors
 ]
 

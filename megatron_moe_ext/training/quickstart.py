@@ -9,6 +9,7 @@ metrics, and writes `summary.json` and `quickstart.png` (loss curves and per-exp
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -61,11 +62,11 @@ def quickstart_flags(data_args: List[str], out: Path, *, train_iters: int, nproc
         "--seed", "1234",
     ]
     if on_gpu:
+        from megatron_moe_ext.training.presets import LOCAL_IMPL_FLAGS
+
         flags += ["--bf16"]
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            flags += ["--transformer-impl", "local"]
+        if importlib.util.find_spec("transformer_engine") is None:
+            flags += LOCAL_IMPL_FLAGS
     return flags
 
 
