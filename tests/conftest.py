@@ -66,11 +66,11 @@ def megatron_cpu():
 TINY_MODEL = dict(num_layers=2, hidden=64, experts=4, topk=2, ep=2, seq_length=64)
 
 
-def pretrain_cpu_cmd(ckpt: Path, log: Path, *extra: str, train_iters: int = 8,
+def pretrain_cpu_cmd(ckpt: Path, log: Path, *extra: str, train_iters: int = 8, nproc: int = 2,
                      module: str = "megatron_moe_ext.training.pretrain_gpt") -> list:
     from megatron_moe_ext.training.presets import tiny_moe_flags
 
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-port", str(_free_port()), "-m", module, "--cpu",
             *tiny_moe_flags(**TINY_MODEL),
             "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512",
@@ -85,9 +85,9 @@ def pretrain_cpu_cmd(ckpt: Path, log: Path, *extra: str, train_iters: int = 8,
 
 
 def pretrain_cpu(tmp: Path, ckpt: Path, log: Path, *extra: str, train_iters: int = 8,
-                 expect_rc: int = 0) -> subprocess.CompletedProcess:
-    """Run the plugin's entry on 2 gloo ranks; assert its exit code (with the output on failure)."""
-    proc = subprocess.run(pretrain_cpu_cmd(ckpt, log, *extra, train_iters=train_iters),
+                 nproc: int = 2, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    """Run the plugin's entry on gloo ranks; assert its exit code (with the output on failure)."""
+    proc = subprocess.run(pretrain_cpu_cmd(ckpt, log, *extra, train_iters=train_iters, nproc=nproc),
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-5000:]

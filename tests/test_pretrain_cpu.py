@@ -59,3 +59,15 @@ def test_pretrain_c2r_with_dedup_dispatch_sends_one_row_per_token(tmp_path):
     for r in rows:
         assert r["moe_ext/rows_per_token"] == 1.0 == r["moe_ext/distinct_ranks_per_token"]
         assert 0 < r["moe_ext/remote_rows_per_token"] < 1.0
+
+
+def test_pretrain_c2r_dedup_with_pipeline_and_expert_parallel(tmp_path):
+    """PP=2 x EP=2 on 4 gloo ranks: the plugin's router and dispatcher under Megatron's pipeline
+    schedule (each stage holds one of the two MoE layers)."""
+    log = tmp_path / "pp.jsonl"
+    _pretrain(tmp_path, tmp_path / "ckpt", log, "--pipeline-model-parallel-size", "2",
+              "--moe-router-policy", "c2r", "--moe-dedup-dispatch", nproc=4, train_iters=4)
+    rows = [r for r in _rows(log) if r["kind"] == "train"]
+    assert len(rows) == 4 and all(0 < r["lm loss"] < 20 for r in rows)
+    assert all(r["moe_ext/rows_per_token"] == 1.0 for r in rows)
+    assert {"moe_ext/layer_1/rows_per_token", "moe_ext/layer_2/rows_per_token"} <= set(rows[0])

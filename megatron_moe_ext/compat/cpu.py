@@ -143,6 +143,9 @@ def _patch_torch_cuda() -> None:
     c.memory_stats = lambda *a, **k: {}
     c.get_device_name = lambda *a, **k: "cpu"
     c.get_device_capability = lambda *a, **k: (0, 0)
+    # validate_args asks for the architecture with TP > 1 and sequence parallelism
+    c.get_device_properties = lambda *a, **k: types.SimpleNamespace(
+        name="cpu", major=0, minor=0, total_memory=0, multi_processor_count=0)
     torch.Tensor.record_stream = lambda self, stream: None
 
 
