@@ -32,6 +32,7 @@ _ATTR_FOR_FIELD = {
     "locmoe_eps": "moe_locmoe_eps",
     "locmoe_gate": "moe_locmoe_gate",
     "locmoe_capacity": "moe_locmoe_capacity",
+    "locmoe_local_bias": "moe_locmoe_local_bias",
     "locmoe_plus_tau": "moe_locmoe_plus_tau",
     "locmoe_plus_reestimate_interval": "moe_locmoe_plus_reestimate_interval",
     "routing_trace_interval": "routing_trace_interval",
@@ -83,6 +84,9 @@ def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="LocMoE: mass the fully localized distribution leaves on remote experts.")
     g.add_argument("--moe-locmoe-gate", choices=("learned", "grap"), default=d["locmoe_gate"].default,
                    help="LocMoE: learned gate initialised to GrAP, or the fixed GrAP gate.")
+    g.add_argument("--moe-locmoe-local-bias", type=float, default=0.0, metavar="B",
+                   help="LocMoE: add B to the selection scores of experts on the token's own node "
+                        "(selection only; beyond the paper).")
     g.add_argument("--moe-locmoe-capacity", choices=("off", "bound"), default="off",
                    help="LocMoE: expert capacity from the paper's lower bound (estimated each step), "
                         "clamped to --moe-expert-capacity-factor.")

@@ -79,6 +79,10 @@ class MoEExtConfig:
     locmoe_gate: str = "learned"
     """--moe-locmoe-gate {learned,grap}: GrAP-initialised learned gate, or the fixed GrAP gate."""
 
+    locmoe_local_bias: float = 0.0
+    """--moe-locmoe-local-bias B: add B to the selection scores of experts on the token's own
+    node (selection only; an extension beyond the paper, see docs/locmoe.md)."""
+
     locmoe_capacity: str = "off"
     """--moe-locmoe-capacity {off,bound}: use LocMoE's capacity lower bound as the expert
     capacity, clamped to --moe-expert-capacity-factor."""
@@ -140,10 +144,13 @@ class MoEExtConfig:
         loc_flags = [f for f, v in (("--moe-locmoe-mu", self.locmoe_mu != 0.01),
                                     ("--moe-locmoe-eps", self.locmoe_eps != 1e-3),
                                     ("--moe-locmoe-gate", self.locmoe_gate != "learned"),
-                                    ("--moe-locmoe-capacity", self.locmoe_capacity != "off")) if v]
+                                    ("--moe-locmoe-capacity", self.locmoe_capacity != "off"),
+                                    ("--moe-locmoe-local-bias", self.locmoe_local_bias != 0.0)) if v]
         if loc_flags and self.router_policy not in ("locmoe", "locmoe-plus"):
             raise MoEExtConfigError(f"{loc_flags[0]} applies to the LocMoE routers only; add "
                                     "--moe-router-policy locmoe or drop the flag.")
+        if self.locmoe_local_bias < 0:
+            raise MoEExtConfigError("--moe-locmoe-local-bias must be >= 0 (it favours local experts).")
         if self.locmoe_mu < 0:
             raise MoEExtConfigError("--moe-locmoe-mu must be >= 0.")
         if not 0 < self.locmoe_eps < 1:

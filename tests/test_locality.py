@@ -229,3 +229,32 @@ def test_locmoe_plus_pretrain_ep2(tmp_path):
         assert r["moe_ext/rows_per_token"] <= 2.0
     # after the first re-estimate (iteration 4) the capacity is the resonance bound, below cf's
     assert rows[-1]["moe_ext/expert_capacity"] <= rows[0]["moe_ext/expert_capacity"]
+
+
+def test_local_bias_moves_selection_to_local_experts_only(megatron_cpu, monkeypatch):
+    """With EP=1 every expert is local, so fake a two-node mask: the bias then shifts selection
+    toward the node's experts while the probabilities keep the unbiased score function."""
+    import functools
+
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+
+    from megatron_moe_ext.megatron.router import LocMoERouter
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2)
+    x = torch.randn(256, 1, 16)
+    local = torch.tensor([True] * 4 + [False] * 4)
+    shares = []
+    for bias in (0.0, 0.05, 10.0):
+        ext = MoEExtConfig(router_policy="locmoe", locmoe_local_bias=bias)
+        r = functools.partial(LocMoERouter, ext_cfg=ext)(config=cfg, pg_collection=get_default_pg_collection())
+        r.set_layer_number(1)
+        r.locality_mask.copy_(local)
+        r.train()
+        probs, rmap = r(x)
+        shares.append(float(rmap[:, local].sum() / rmap.sum()))
+        lg = r.gating(x.view(-1, 16)).detach()
+        t = 0
+        idx = rmap[t].nonzero().flatten()
+        torch.testing.assert_close(probs[t, idx].detach(), torch.softmax(lg[t, idx], 0))
+    assert shares[0] < shares[1] < shares[2] == 1.0

@@ -311,6 +311,14 @@ class LocMoERouter(PolicyRouter):
     def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
         return torch.topk(scores, self.topk, dim=1).indices
 
+    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Megatron's selection scores plus `--moe-locmoe-local-bias` on this node's experts:
+        the router knows which node its tokens are on, the loss alone cannot use that (see
+        docs/locmoe.md). Selection only: probabilities stay the unbiased score function's."""
+        scores = super().selection_scores(logits)
+        bias = self.ext_cfg.locmoe_local_bias
+        return scores + bias * self.locality_mask.to(scores.dtype) if bias else scores
+
     def extra_losses(self, probs, logits, padding_mask):
         from megatron_moe_ext.routing.locality import locality_loss
 
