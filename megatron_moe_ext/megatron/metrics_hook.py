@@ -31,8 +31,13 @@ class MoEMetricsRecorder:
 
     def __init__(self, model: List[torch.nn.Module], *, dedup: bool, ep_ranks_per_node: int,
                  bytes_per_element: int = 2, trace_dir: Optional[str] = None,
-                 trace_max_tokens: int = 4096, profile_collaboration: bool = False) -> None:
+                 trace_max_tokens: int = 4096, profile_collaboration: bool = False,
+                 policy_losses: bool = False) -> None:
+        """`policy_losses`: the run's routers keep LocMoE statistics. Every rank must agree on it
+        (it is a run-wide flag): `report` reduces them collectively, also on pipeline stages
+        without MoE layers."""
         self.routers = [m for chunk in model for m in chunk.modules() if isinstance(m, TopKRouter)]
+        self.policy_losses = policy_losses
         self.dedup = dedup
         self.ep_ranks_per_node = ep_ranks_per_node
         self.bytes_per_element = bytes_per_element
@@ -40,10 +45,11 @@ class MoEMetricsRecorder:
         self.trace_max_tokens = trace_max_tokens
         self._trace_armed = False
         self._trace: Dict[int, torch.Tensor] = {}
-        if not self.routers:
-            self.num_experts = self.num_layers = 0
-            return
-        cfg = self.routers[0].config
+        # From the model's config, not a router: a pipeline stage may hold no MoE layer and must
+        # still join the collective reduces with tensors of the same shape.
+        from megatron.core.utils import get_attr_wrapped_model
+
+        cfg = get_attr_wrapped_model(model[0], "config")
         self.num_experts = cfg.num_moe_experts
         self.topk = cfg.moe_router_topk
         self.hidden_size = cfg.hidden_size
@@ -52,7 +58,7 @@ class MoEMetricsRecorder:
         self.num_layers = cfg.num_layers + (getattr(cfg, "mtp_num_layers", None) or 0)
         self.ep_size = parallel_state.get_expert_model_parallel_world_size()
         self.ep_rank = parallel_state.get_expert_model_parallel_rank()
-        device = self.routers[0].weight.device
+        device = next(model[0].parameters()).device
         self._sums = torch.zeros(self.num_layers + 1, NUM_FIELDS + self.num_experts,
                                  dtype=torch.float64, device=device)
         # Co-activation counts per layer (train and eval batches alike), for C2R profiles.
@@ -73,7 +79,8 @@ class MoEMetricsRecorder:
                    bytes_per_element=ext_cfg.ext_metrics_bytes_per_element,
                    trace_dir=ext_cfg.save_routing_trace,
                    trace_max_tokens=ext_cfg.routing_trace_max_tokens,
-                   profile_collaboration=bool(ext_cfg.profile_collaboration))
+                   profile_collaboration=bool(ext_cfg.profile_collaboration),
+                   policy_losses=ext_cfg.router_policy in ("locmoe", "locmoe-plus"))
 
     def _hook(self, router: TopKRouter, inputs, output) -> None:
         _, routing_map = output
@@ -133,13 +140,12 @@ class MoEMetricsRecorder:
 
         Returns `moe_ext/<metric>` over all MoE layers and `moe_ext/layer_<n>/<metric>` per
         layer (scalars), plus `moe_ext/expert_load` lists (per layer) for plots."""
-        if self.num_layers == 0:
-            return {}
         sums = self._sums.clone()
         self._sums.zero_()
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         out: Dict[str, object] = {}
+        out.update(self._router_losses())  # collective too: before any early return
         layers = [i for i in range(sums.shape[0]) if sums[i, 0] > 0]
         if not layers:
             return out
@@ -147,7 +153,6 @@ class MoEMetricsRecorder:
                   bytes_per_element=self.bytes_per_element)
         total = volume_from_counts(sums[layers].sum(0), **kw)
         out.update({f"moe_ext/{k}": getattr(total, k) for k in _SCALARS})
-        out.update(self._router_losses())
         out["moe_ext/tokens"] = total.tokens / len(layers)
         for i in layers:
             v = volume_from_counts(sums[i], **kw)
@@ -157,32 +162,30 @@ class MoEMetricsRecorder:
         return out
 
     def _router_losses(self) -> Dict[str, float]:
-        """Mean of policy losses the routers keep ([sum, count] buffers), e.g. LocMoE's KL.
-        The same routers exist on every rank (one policy per run), so the reduce matches."""
-        routers = [r for r in self.routers if hasattr(r, "locality_kl_sum")]
-        if not routers:
+        """Means of the statistics LocMoE routers keep: locality KL, capacity factor and the
+        clamped share (LocMoE), dropped tokens and capacity (LocMoE+). One all-reduce."""
+        if not self.policy_losses:
             return {}
-        total = torch.stack([r.locality_kl_sum for r in routers]).sum(0)
-        for r in routers:
-            r.locality_kl_sum.zero_()
+        # [kl sum, kl count, factor sum, factor count, clamped, dropped, tokens, capacity sum, n]
+        stats = torch.zeros(9, dtype=torch.float64)
+        for r in self.routers:
+            for name, sl in (("locality_kl_sum", slice(0, 2)), ("capacity_stats", slice(2, 5)),
+                             ("plus_stats", slice(5, 9))):
+                if hasattr(r, name):
+                    stats[sl] += getattr(r, name).cpu()
+                    getattr(r, name).zero_()
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-        out = {"moe_ext/locality_kl": float(total[0] / total[1].clamp_min(1))}
-        caps = torch.stack([r.capacity_stats for r in routers]).sum(0)
-        for r in routers:
-            r.capacity_stats.zero_()
-        if caps[1] > 0:  # same on every rank: the factor is agreed over the layer's group
-            out["moe_ext/capacity_factor"] = float(caps[0] / caps[1])
-            out["moe_ext/capacity_clamped_fraction"] = float(caps[2] / caps[1])
-        plus = [r.plus_stats for r in routers if hasattr(r, "plus_stats")]
-        if plus:  # LocMoE+: tokens kept by no expert, and the capacity in use
-            total = torch.stack(plus).sum(0)
-            for r in routers:
-                r.plus_stats.zero_()
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(total)
-            out["moe_ext/dropped_token_fraction"] = float(total[0] / total[1].clamp_min(1))
-            out["moe_ext/expert_capacity"] = float(total[2] / total[3].clamp_min(1))
+            dev = self._sums.device
+            stats = stats.to(dev)
+            torch.distributed.all_reduce(stats)
+            stats = stats.cpu()
+        out = {"moe_ext/locality_kl": float(stats[0] / stats[1].clamp_min(1))}
+        if stats[3] > 0:
+            out["moe_ext/capacity_factor"] = float(stats[2] / stats[3])
+            out["moe_ext/capacity_clamped_fraction"] = float(stats[4] / stats[3])
+        if stats[8] > 0:
+            out["moe_ext/dropped_token_fraction"] = float(stats[5] / stats[6].clamp_min(1))
+            out["moe_ext/expert_capacity"] = float(stats[7] / stats[8])
         return out
 
     @staticmethod
