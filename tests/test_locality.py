@@ -225,7 +225,8 @@ def test_locmoe_plus_pretrain_ep2(tmp_path):
     assert len(rows) == 8
     for r in rows:
         assert math.isfinite(r["lm loss"]) and 0 <= r["moe_ext/dropped_token_fraction"] < 1
-        assert 1 <= r["moe_ext/expert_capacity"] <= 2 * 64 * 2 / 4  # never above the cf capacity
+        # never above the capacity-factor capacity: ceil(128 tokens x 2 / 4 experts x 1.0) = 64
+        assert r["moe_ext/expert_capacity"] >= 1 and r["moe_ext/expert_capacity"] <= 64
         assert r["moe_ext/rows_per_token"] <= 2.0
     # after the first re-estimate (iteration 4) the capacity is the resonance bound, below cf's
     assert rows[-1]["moe_ext/expert_capacity"] <= rows[0]["moe_ext/expert_capacity"]

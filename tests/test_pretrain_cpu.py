@@ -26,7 +26,7 @@ def test_pretrain_ep2_checkpoint_resume_matches_uninterrupted(tmp_path):
         assert r["moe_ext/rows_per_token"] == 2.0
         assert 0 < r["moe_ext/remote_rows_per_token"] < 2.0
         assert r["moe_ext/inter_node_rows_per_token"] == r["moe_ext/remote_rows_per_token"]
-        assert 1.0 <= r["moe_ext/distinct_ranks_per_token"] <= 2.0
+        assert r["moe_ext/distinct_ranks_per_token"] >= 1.0 and r["moe_ext/distinct_ranks_per_token"] <= 2.0
         assert r["moe_ext/tokens"] == 4 * 64  # global batch x sequence, per layer
         assert sum(r["moe_ext/layer_1/expert_load"]) == pytest.approx(1.0)
     # A routing trace of the last iteration from each rank, readable by comm-volume.

@@ -360,7 +360,7 @@ class LocMoEPlusRouter(LocMoERouter):
             affinity,
             expert_choice_keep,
             resonance_capacity,
-            token_choice_lengths,
+            token_choice_map,
         )
 
         T, E = logits.shape
@@ -369,10 +369,7 @@ class LocMoEPlusRouter(LocMoERouter):
         with torch.no_grad():
             hidden = self._last_input.reshape(-1, self._last_input.shape[-1])
             aff = affinity(hidden, self.weight)                               # [T, E]
-            order = aff.topk(k, dim=1).indices                                 # [T, k]
-            lengths = token_choice_lengths(aff, k, self.ext_cfg.locmoe_plus_tau)
-            within = torch.arange(k, device=aff.device).unsqueeze(0) < lengths.unsqueeze(1)
-            proposed = torch.zeros_like(aff, dtype=torch.bool).scatter_(1, order, within)
+            order, proposed = token_choice_map(aff, k, self.ext_cfg.locmoe_plus_tau)
             base = math.ceil(T * k / E * self.config.moe_expert_capacity_factor)
             capacity = min(base, self.resonance_capacity or base)
             keep = expert_choice_keep(aff, proposed, capacity)

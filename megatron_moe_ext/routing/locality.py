@@ -145,6 +145,16 @@ def token_choice_lengths(aff: torch.Tensor, max_l: int, tau: float) -> torch.Ten
     return (first + 1).clamp(1, max_l)
 
 
+def token_choice_map(aff: torch.Tensor, max_l: int, tau: float):
+    """Token-choice stage: (order LongTensor[T, max_l] of experts by affinity, proposed
+    Bool[T, E] with each token's first l_t of them, l_t from `token_choice_lengths`)."""
+    order = aff.topk(max_l, dim=1).indices
+    lengths = token_choice_lengths(aff, max_l, tau)
+    within = torch.arange(max_l, device=aff.device).unsqueeze(0) < lengths.unsqueeze(1)
+    proposed = torch.zeros_like(aff, dtype=torch.bool).scatter_(1, order, within)
+    return order, proposed
+
+
 def expert_choice_keep(aff: torch.Tensor, proposed: torch.Tensor, capacity: int) -> torch.Tensor:
     """Each expert keeps the `capacity` proposing tokens of highest affinity.
 
