@@ -13,7 +13,13 @@ import dataclasses
 import sys
 from typing import Optional
 
-from megatron_moe_ext.config import ROUTER_POLICIES, MoEExtConfig, MoEExtConfigError
+from megatron_moe_ext.config import (
+    ROUTER_POLICIES,
+    SCMOE_CHOICES,
+    SCMOE_SLOTS,
+    MoEExtConfig,
+    MoEExtConfigError,
+)
 
 # args attribute -> MoEExtConfig field, for the fields whose flag is not `--moe-<field>`.
 _ATTR_FOR_FIELD = {
@@ -98,6 +104,15 @@ def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="LocMoE+: re-estimate the expert capacity every N iterations (0: never).")
     g.add_argument("--moe-dedup-dispatch", action="store_true",
                    help="Send each token once per destination EP rank instead of once per expert.")
+    g.add_argument("--moe-scmoe", choices=SCMOE_CHOICES, default="off",
+                   help="Shortcut-connected MoE: the routed experts read the previous block's "
+                        "representation (pos2: its post-attention stream, for dense/MoE alternation; "
+                        "pos1: its output, for every-layer MoE) beside a gated shared expert, or "
+                        "dgmoe: two top-k passes of one expert set on the previous and current streams.")
+    g.add_argument("--moe-scmoe-expert-slot", choices=SCMOE_SLOTS, default="auto",
+                   help="ScMoE: main-stream point of the routed experts' GEMMs (1: before block l's "
+                        "MLP, 2: before block l+1's attention, 3: after it, 4: after the shared "
+                        "expert; auto: time them over the first steps and keep the fastest).")
     return parser
 
 

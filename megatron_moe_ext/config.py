@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 ROUTER_POLICIES = ("topk", "c2r", "locmoe", "locmoe-plus")
+SCMOE_CHOICES = ("off", "pos1", "pos2", "dgmoe")
+SCMOE_SLOTS = ("auto", "1", "2", "3", "4")
 
 
 class MoEExtConfigError(ValueError):
@@ -98,6 +100,13 @@ class MoEExtConfig:
     dedup_dispatch: bool = False
     """--moe-dedup-dispatch: send each token once per destination EP rank (not per expert)."""
 
+    scmoe: str = "off"
+    """--moe-scmoe {off,pos1,pos2,dgmoe}: shortcut-connected MoE layers (docs/scmoe.md)."""
+
+    scmoe_expert_slot: str = "auto"
+    """--moe-scmoe-expert-slot {auto,1,2,3,4}: where the routed experts' GEMMs run among the main
+    stream's work (auto: time each slot over the first training steps and keep the fastest)."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -177,6 +186,17 @@ class MoEExtConfig:
         if self.c2r_plan and self.c2r_warmup_steps:
             raise MoEExtConfigError("--moe-c2r-plan and --moe-c2r-warmup-steps both set the partner "
                                     "lists; use one of them.")
+        if self.scmoe not in SCMOE_CHOICES:
+            raise MoEExtConfigError(f"--moe-scmoe must be one of {', '.join(SCMOE_CHOICES)}.")
+        if str(self.scmoe_expert_slot) not in SCMOE_SLOTS:
+            raise MoEExtConfigError(f"--moe-scmoe-expert-slot must be one of {', '.join(SCMOE_SLOTS)}.")
+        if self.scmoe == "off" and str(self.scmoe_expert_slot) != "auto":
+            raise MoEExtConfigError("--moe-scmoe-expert-slot applies to ScMoE layers only; add "
+                                    "--moe-scmoe pos1, pos2 or dgmoe or drop the flag.")
+        if self.scmoe == "dgmoe" and self.router_policy in ("c2r", "locmoe-plus"):
+            raise MoEExtConfigError(
+                f"--moe-scmoe dgmoe excludes the previous pass's experts from the current pass, which "
+                f"--moe-router-policy {self.router_policy} cannot honour; use topk or locmoe.")
         if (self.routing_trace_interval or self.routing_trace_max_tokens != 4096) and not self.save_routing_trace:
             raise MoEExtConfigError(
                 "--routing-trace-interval and --routing-trace-max-tokens need --save-routing-trace DIR."
@@ -201,6 +221,55 @@ class MoEExtConfig:
             self._validate_locmoe(num_experts, ep_size, world_size, megatron_args)
         if self.dedup_dispatch and megatron_args is not None:
             self._validate_dedup(megatron_args)
+        if self.scmoe != "off" and megatron_args is not None:
+            self._validate_scmoe(megatron_args, num_experts, topk)
+
+    def _validate_scmoe(self, a: object, num_experts: Optional[int], topk: int) -> None:
+        """The Megatron settings ScMoE/DGMoE layers need, checked before anything is built."""
+        get = lambda name, default=None: getattr(a, name, default)  # noqa: E731
+        flag = f"--moe-scmoe {self.scmoe}"
+        if num_experts is None:
+            raise MoEExtConfigError(f"{flag} needs an MoE model; set --num-experts.")
+        if get("overlap_moe_expert_parallel_comm"):
+            raise MoEExtConfigError(
+                f"{flag} overlaps its own all-to-all inside the layer, while "
+                "--overlap-moe-expert-parallel-comm replaces the layer's forward with per-module "
+                "callables that would skip the shortcut; drop --overlap-moe-expert-parallel-comm.")
+        for bad, what in ((get("moe_shared_expert_overlap"), "--moe-shared-expert-overlap (ScMoE schedules "
+                           "the shared expert itself)"),
+                          (get("moe_latent_size"), "--moe-latent-size"),
+                          (get("overlap_dispatch_backward_with_experts_wgrad"),
+                           "--overlap-dispatch-backward-with-experts-wgrad"),
+                          (get("cuda_graph_impl", "none") not in (None, "none"), "--cuda-graph-impl")):
+            if bad:
+                raise MoEExtConfigError(f"{flag} does not support {what}; drop it.")
+        shared = get("moe_shared_expert_intermediate_size")
+        if self.scmoe == "dgmoe" and shared:
+            raise MoEExtConfigError("--moe-scmoe dgmoe has no shared expert (its two gated passes match "
+                                    "top-2 compute); drop --moe-shared-expert-intermediate-size.")
+        if self.scmoe != "dgmoe" and not shared:
+            raise MoEExtConfigError(f"{flag} adds a shared dense expert on the current stream; set "
+                                    "--moe-shared-expert-intermediate-size (for example the expert FFN size).")
+        if self.scmoe != "dgmoe" and not get("moe_shared_expert_gate"):
+            raise MoEExtConfigError(f"{flag} scales the shared expert by the CG-1 sigmoid gate; add "
+                                    "--moe-shared-expert-gate.")
+        if (topk == 1 and get("moe_router_score_function", "softmax") == "softmax"
+                and not get("moe_router_pre_softmax")):
+            raise MoEExtConfigError(
+                f"{flag} with top-1 routing needs --moe-router-pre-softmax: a softmax over one "
+                "selected logit is exactly 1, and the gate would learn only from the aux loss.")
+        num_layers = get("num_layers")
+        if num_layers:
+            try:
+                scmoe_shortcut_sources(moe_layer_pattern(get("moe_layer_freq", 1), num_layers), self.scmoe)
+            except ValueError as e:
+                raise MoEExtConfigError(str(e)) from None
+        if get("recompute_granularity") == "full" and get("recompute_method") != "uniform":
+            raise MoEExtConfigError(f"{flag} with full recomputation needs --recompute-method uniform, "
+                                    "so that a dense layer and the MoE layer reading it are recomputed together.")
+        if get("recompute_granularity") == "selective" and set(get("recompute_modules") or []) & {"moe", "mlp"}:
+            raise MoEExtConfigError(f"{flag} schedules the MoE itself, so --recompute-modules moe/mlp "
+                                    "would not apply to its layers; drop them.")
 
     def _validate_dedup(self, a: object) -> None:
         """What DedupAlltoAllTokenDispatcher does not support, caught before anything starts."""
@@ -272,3 +341,38 @@ class MoEExtConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def moe_layer_pattern(moe_layer_freq, num_layers: int) -> list:
+    """Megatron's MoE placement (gpt_layer_specs.py): 1 = MoE layer. An int N puts an MoE layer at
+    every index divisible by N (layer 0 included); a list is the pattern itself."""
+    if isinstance(moe_layer_freq, int):
+        return [1 if i % moe_layer_freq == 0 else 0 for i in range(num_layers)]
+    pattern = list(moe_layer_freq)
+    if len(pattern) != num_layers:
+        raise ValueError(f"--moe-layer-freq has {len(pattern)} entries for {num_layers} layers.")
+    return pattern
+
+
+def scmoe_shortcut_sources(pattern: list, mode: str) -> dict:
+    """{MoE layer index: index of the dense layer whose post-attention stream its routed experts
+    read, or None for its own input}. pos1 always reads the layer input; pos2 and dgmoe read the
+    dense layer before (the first layer, with nothing before it, reads its input, the paper's
+    "Pos-2 (L0 Pos-1)"); pos2 after another MoE layer has no dense block to read, an error, while
+    dgmoe then reads its own input."""
+    sources = {}
+    for g, is_moe in enumerate(pattern):
+        if not is_moe:
+            continue
+        if mode == "pos1" or g == 0:
+            sources[g] = None
+        elif not pattern[g - 1]:
+            sources[g] = g - 1
+        elif mode == "pos2":
+            raise ValueError(
+                f"--moe-scmoe pos2 pairs each MoE layer with the dense layer before it, but layers {g} "
+                f"and {g + 1} are both MoE; use --moe-scmoe pos1 for every-layer MoE, or a "
+                "--moe-layer-freq that alternates dense and MoE layers.")
+        else:
+            sources[g] = None
+    return sources

@@ -232,6 +232,7 @@ def _patch_megatron_modules() -> None:
     from megatron_moe_ext.megatron.wheel_fixes import apply_wheel_fixes
 
     apply_wheel_fixes()
+    _let_recomputation_save_cpu_rng()
     try:
         from megatron.training import initialize as mt_init
         from megatron.training import training as mt_training
@@ -250,6 +251,16 @@ def _patch_megatron_modules() -> None:
         initialize_megatron._moe_ext_wrapped = True
         mt_init.initialize_megatron = initialize_megatron
         mt_training.initialize_megatron = initialize_megatron
+
+
+def _let_recomputation_save_cpu_rng() -> None:
+    """Activation recomputation saves and restores "the CUDA RNG state" around each checkpointed
+    chunk through `_get/_set_cuda_rng_state`, which reach CUDA's default generators directly;
+    on CPU the CPU generator is the one dropout draws from, so that is the state to keep."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
 def _let_checkpoints_round_trip_cpu_rng() -> None:

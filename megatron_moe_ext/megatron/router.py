@@ -9,6 +9,7 @@ balance an assignment the policy never makes. Here they see the routing actually
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -45,6 +46,17 @@ class PolicyRouter(TopKRouter):
                 f"experts themselves and cannot be combined with {type(self).__name__}; unset them.")
         # The EP group is not kept by Router; locality- and placement-aware policies need it.
         self.ep_group = getattr(pg_collection, "ep", None) if pg_collection is not None else None
+        self._excluded: Optional[torch.Tensor] = None
+
+    @contextlib.contextmanager
+    def excluding(self, experts: torch.Tensor):
+        """Within the block, selection may not pick experts[t, e] == True (bool [T, E]); DGMoE's
+        current pass uses it so that it never repeats an expert its previous pass chose."""
+        self._excluded = experts
+        try:
+            yield
+        finally:
+            self._excluded = None
 
     def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """What Megatron's top-k ranks for this config, [T, E] float32: the logits (softmax after
@@ -78,7 +90,10 @@ class PolicyRouter(TopKRouter):
         routing_map [T, E] bool with exactly `self.topk` True per row)."""
         training = self.training and torch.is_grad_enabled()
         with torch.no_grad():
-            indices = self.select_indices(self.selection_scores(logits))
+            scores = self.selection_scores(logits)
+            if self._excluded is not None:
+                scores = scores.masked_fill(self._excluded.reshape(scores.shape), float("-inf"))
+            indices = self.select_indices(scores)
             if training:
                 self.observe_selection(indices)
         return topk_routing_with_score_function(
@@ -132,6 +147,14 @@ class PolicyRouter(TopKRouter):
 
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
+
+
+class TopKPolicyRouter(PolicyRouter):
+    """Megatron's top-k as a PolicyRouter (same experts, probabilities and losses as TopKRouter),
+    for layers that need `excluding` (DGMoE) with the plain top-k policy."""
+
+    def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.topk(scores, self.topk, dim=1).indices
 
 
 class C2RRouter(PolicyRouter):

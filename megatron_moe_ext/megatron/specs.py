@@ -45,12 +45,22 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
     if router_cls is not None or layer_cls is not None:
         subs = {} if router_cls is None else {"router": router_cls}
         block = replace_moe_submodules(block, layer_cls=layer_cls, **subs)
+    if ext_cfg.scmoe != "off":
+        from megatron_moe_ext.megatron.scmoe_spec import apply_scmoe
+
+        if getattr(block, "layer_specs", None) is None:
+            raise ValueError("--moe-scmoe needs a decoder block spec (per-layer specs), not one layer spec.")
+        block = apply_scmoe(block, ext_cfg, model_cfg.transformer, vp_stage)
     return block
 
 
 def router_class_for(ext_cfg: MoEExtConfig) -> Optional[Callable]:
     """The router builder for the configured policy; None keeps Megatron's TopKRouter."""
     if ext_cfg.router_policy == "topk":
+        if ext_cfg.scmoe == "dgmoe":  # its current pass excludes experts: a PolicyRouter can
+            from megatron_moe_ext.megatron.router import TopKPolicyRouter
+
+            return TopKPolicyRouter
         return None
     if ext_cfg.router_policy == "c2r":
         from megatron_moe_ext.megatron.router import C2RRouter
