@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from megatron_moe_ext.config import (
+    EXPERT_BACKENDS,
     ROUTER_POLICIES,
     SCMOE_CHOICES,
     SCMOE_SLOTS,
@@ -104,6 +105,10 @@ def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="LocMoE+: re-estimate the expert capacity every N iterations (0: never).")
     g.add_argument("--moe-dedup-dispatch", action="store_true",
                    help="Send each token once per destination EP rank instead of once per expert.")
+    g.add_argument("--moe-expert-backend", choices=EXPERT_BACKENDS, default=None,
+                   help="Routed experts: te (Megatron's TEGroupedMLP), torch (the plugin's "
+                        "torch._grouped_mm experts, FP8 GEMMs under --fp8-format; no TE needed), "
+                        "sequential (Megatron's SequentialMLP). Default: Megatron's choice.")
     g.add_argument("--moe-scmoe", choices=SCMOE_CHOICES, default="off",
                    help="Shortcut-connected MoE: the routed experts read the previous block's "
                         "representation (pos2: its post-attention stream, for dense/MoE alternation; "

@@ -16,6 +16,7 @@ from typing import Optional
 ROUTER_POLICIES = ("topk", "c2r", "locmoe", "locmoe-plus")
 SCMOE_CHOICES = ("off", "pos1", "pos2", "dgmoe")
 SCMOE_SLOTS = ("auto", "1", "2", "3", "4")
+EXPERT_BACKENDS = ("te", "torch", "sequential")
 
 
 class MoEExtConfigError(ValueError):
@@ -107,6 +108,10 @@ class MoEExtConfig:
     """--moe-scmoe-expert-slot {auto,1,2,3,4}: where the routed experts' GEMMs run among the main
     stream's work (auto: time each slot over the first training steps and keep the fastest)."""
 
+    expert_backend: Optional[str] = None
+    """--moe-expert-backend {te,torch,sequential}: the routed experts' implementation (None:
+    Megatron's choice from --moe-grouped-gemm and --transformer-impl)."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -190,6 +195,8 @@ class MoEExtConfig:
             raise MoEExtConfigError(f"--moe-scmoe must be one of {', '.join(SCMOE_CHOICES)}.")
         if str(self.scmoe_expert_slot) not in SCMOE_SLOTS:
             raise MoEExtConfigError(f"--moe-scmoe-expert-slot must be one of {', '.join(SCMOE_SLOTS)}.")
+        if self.expert_backend is not None and self.expert_backend not in EXPERT_BACKENDS:
+            raise MoEExtConfigError(f"--moe-expert-backend must be one of {', '.join(EXPERT_BACKENDS)}.")
         if self.scmoe == "off" and str(self.scmoe_expert_slot) != "auto":
             raise MoEExtConfigError("--moe-scmoe-expert-slot applies to ScMoE layers only; add "
                                     "--moe-scmoe pos1, pos2 or dgmoe or drop the flag.")
@@ -223,6 +230,29 @@ class MoEExtConfig:
             self._validate_dedup(megatron_args)
         if self.scmoe != "off" and megatron_args is not None:
             self._validate_scmoe(megatron_args, num_experts, topk)
+        if self.expert_backend is not None and megatron_args is not None:
+            self._validate_expert_backend(megatron_args)
+
+    def _validate_expert_backend(self, a: object) -> None:
+        get = lambda name, default=None: getattr(a, name, default)  # noqa: E731
+        flag = f"--moe-expert-backend {self.expert_backend}"
+        if self.expert_backend == "te":
+            try:
+                import transformer_engine  # noqa: F401
+            except ImportError:
+                raise MoEExtConfigError(f"{flag} needs Transformer Engine, which is not installed; "
+                                        "install it or use --moe-expert-backend torch.") from None
+            if not get("moe_grouped_gemm") or get("transformer_impl") != "transformer_engine":
+                raise MoEExtConfigError(f"{flag} is Megatron's TEGroupedMLP; add --moe-grouped-gemm "
+                                        "and --transformer-impl transformer_engine.")
+        if self.expert_backend == "sequential" and get("moe_grouped_gemm"):
+            raise MoEExtConfigError(f"{flag} is Megatron's SequentialMLP; drop --moe-grouped-gemm.")
+        if self.expert_backend == "torch":
+            if get("add_bias_linear", False):
+                raise MoEExtConfigError(f"{flag} has no expert biases; add --disable-bias-linear.")
+            if get("expert_tensor_parallel_size") not in (None, 1):
+                raise MoEExtConfigError(f"{flag} does not shard experts over tensor-parallel ranks; "
+                                        "set --expert-tensor-parallel-size 1.")
 
     def _validate_scmoe(self, a: object, num_experts: Optional[int], topk: int) -> None:
         """The Megatron settings ScMoE/DGMoE layers need, checked before anything is built."""

@@ -87,13 +87,14 @@ class RoutedPass:
     chosen slot) / combine (side stream) / unpermute (main stream), on `dispatcher`."""
 
     def __init__(self, moe, dispatcher, x: torch.Tensor, padding_mask: Optional[torch.Tensor],
-                 slot: int, exclude: Optional[torch.Tensor] = None) -> None:
+                 slot: int, exclude: Optional[torch.Tensor] = None, overlap: bool = True) -> None:
         """x [s, b, h]: the routed input (already normed); padding_mask [s, b], True = padding;
-        exclude [s*b, E] bool: experts this pass may not choose (DGMoE's collision rule)."""
+        exclude [s*b, E] bool: experts this pass may not choose (DGMoE's collision rule);
+        overlap=False keeps everything on the current stream (the sequential baseline)."""
         self.moe, self.dispatcher, self.slot = moe, dispatcher, slot
-        self.cuda = x.is_cuda
-        self.main = torch.cuda.current_stream() if self.cuda else None
-        self.side = _side_stream() if self.cuda else None
+        self.use_streams = x.is_cuda and overlap
+        self.main = torch.cuda.current_stream() if self.use_streams else None
+        self.side = _side_stream() if self.use_streams else None
         self.routing_map = None
         self._rows = self._probs = self._out = None
         self._computed = False
@@ -106,7 +107,7 @@ class RoutedPass:
 
     @contextlib.contextmanager
     def _on_side(self):
-        if not self.cuda:
+        if not self.use_streams:
             yield
             return
         self.side.wait_stream(self.main)
@@ -114,7 +115,7 @@ class RoutedPass:
             yield
 
     def _join_main(self, *tensors: torch.Tensor) -> None:
-        if self.cuda:
+        if self.use_streams:
             self.main.wait_stream(self.side)
             for t in tensors:
                 if isinstance(t, torch.Tensor):
@@ -134,7 +135,7 @@ class RoutedPass:
         if bias is not None:
             raise ValueError("ScMoE routed experts do not support expert biases; drop --add-bias-linear.")
         out = d.combine_preprocess(out)
-        if self.cuda:
+        if self.use_streams:
             out.record_stream(self.side)
         with self._on_side():
             self._out = d.token_combine(out)
@@ -193,6 +194,8 @@ class ScMoELayer(TransformerLayer):
         if not self.is_moe_layer:
             raise ValueError("ScMoELayer needs an MoE layer spec (its mlp must be an MoELayer).")
         self.scmoe_mode = scmoe_mode
+        # False: the same layer with every step on the current stream (benchmarks compare).
+        self.overlap_comm = True
         self.shortcut_link = shortcut_link
         if shortcut_link is not None:
             shortcut_link.consumer = self
@@ -222,7 +225,8 @@ class ScMoELayer(TransformerLayer):
         x = self.shortcut_layernorm(routed_input)
         slot = self.slot_chooser.slot(self.training)
         self.slot_chooser.begin(x)
-        return RoutedPass(self.mlp, self.mlp.token_dispatcher, x, padding_mask, slot)
+        return RoutedPass(self.mlp, self.mlp.token_dispatcher, x, padding_mask, slot,
+                          overlap=self.overlap_comm)
 
     def forward(self, *args, **kwargs):
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -247,7 +251,7 @@ class ScMoELayer(TransformerLayer):
             x_cur, residual = x_cur
         if self.scmoe_mode == "dgmoe":
             current = RoutedPass(self.mlp, self._current_dispatcher, x_cur, padding_mask, slot=0,
-                                 exclude=routed.routing_map)
+                                 exclude=routed.routing_map, overlap=self.overlap_comm)
             other = current.finish()
         else:
             other = self.mlp.shared_experts(x_cur)

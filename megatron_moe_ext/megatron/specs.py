@@ -42,8 +42,12 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
         from megatron_moe_ext.megatron.dispatch import DedupMoELayer
 
         layer_cls = DedupMoELayer
-    if router_cls is not None or layer_cls is not None:
-        subs = {} if router_cls is None else {"router": router_cls}
+    subs = {} if router_cls is None else {"router": router_cls}
+    if ext_cfg.expert_backend == "torch":
+        from megatron_moe_ext.experts import torch_experts
+
+        subs["experts"] = torch_experts
+    if subs or layer_cls is not None:
         block = replace_moe_submodules(block, layer_cls=layer_cls, **subs)
     if ext_cfg.scmoe != "off":
         from megatron_moe_ext.megatron.scmoe_spec import apply_scmoe

@@ -1,0 +1,195 @@
+"""The torch grouped-GEMM experts (BF16/FP32 and FP8-emulated) against plain references, inside
+Megatron's MoELayer against SequentialMLP, and checkpoint interchange with SequentialMLP."""
+
+import functools
+
+import pytest
+import torch
+
+H, F, E = 16, 32, 4  # widths whose rows are multiples of 16 bytes: torch._grouped_mm's requirement
+
+
+def _experts(megatron_cpu, glu: bool, dtype=torch.float32, cls=None, **kw):
+    from megatron_moe_ext.experts.grouped_mlp import TorchGroupedMLP
+
+    cfg = megatron_cpu.moe_config(hidden_size=H, ffn_hidden_size=F, num_moe_experts=E,
+                                  gated_linear_unit=glu, params_dtype=dtype,
+                                  activation_func=torch.nn.functional.silu if glu else torch.nn.functional.gelu)
+    return (cls or TorchGroupedMLP)(E, cfg, **kw)
+
+
+def _reference(mod, x, tokens_per_expert, probs):
+    """float64, one expert at a time, from the module's weights."""
+    w1, w2 = mod.linear_fc1.weight.double(), mod.linear_fc2.weight.double()
+    out, start = [], 0
+    for e, n in enumerate(tokens_per_expert.tolist()):
+        xe = x[start:start + n].double()
+        h = xe @ w1[e].t()
+        if mod.config.gated_linear_unit:
+            g, u = h.chunk(2, dim=-1)
+            h = mod.config.activation_func(g) * u
+        else:
+            h = mod.config.activation_func(h)
+        out.append((h * probs[start:start + n].double().unsqueeze(-1)) @ w2[e].t())
+        start += n
+    return torch.cat(out)
+
+
+# Per-dtype tolerances, relative to the output's max: fp32 reorders sums (~1e-6 of |y|); bf16 keeps
+# 8 mantissa bits, and three roundings (two GEMM outputs, the activation) give ~1e-2 of |y|.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("glu", [True, False])
+def test_grouped_experts_match_float64_reference(megatron_cpu, dtype, glu):
+    torch.manual_seed(0)
+    mod = _experts(megatron_cpu, glu, dtype)
+    tpe = torch.tensor([5, 0, 9, 3])  # expert 1 gets no tokens
+    x = torch.randn(int(tpe.sum()), H, dtype=dtype, requires_grad=True)
+    probs = torch.rand(x.shape[0], dtype=torch.float32, requires_grad=True)
+    dy = torch.randn(x.shape[0], H, dtype=torch.float64)
+    y, _ = mod(x, tpe, probs)
+    (y.double() * dy).sum().backward()
+
+    xr = x.detach().double().requires_grad_(True)
+    pr = probs.detach().double().requires_grad_(True)
+    w1 = mod.linear_fc1.weight.detach().double().requires_grad_(True)
+    w2 = mod.linear_fc2.weight.detach().double().requires_grad_(True)
+    ref_mod = type("R", (), {"linear_fc1": type("W", (), {"weight": w1}),
+                             "linear_fc2": type("W", (), {"weight": w2}), "config": mod.config})
+    y_ref = _reference(ref_mod, xr, tpe, pr)
+    (y_ref * dy).sum().backward()
+
+    tol = TOL[dtype]
+    rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(y, y_ref) < tol
+    assert rel(x.grad, xr.grad) < tol and rel(probs.grad, pr.grad) < tol
+    assert rel(mod.linear_fc1.weight.grad, w1.grad) < tol
+    assert rel(mod.linear_fc2.weight.grad, w2.grad) < tol
+    assert mod.linear_fc1.weight.grad[1].abs().max() == 0  # the idle expert
+
+
+def test_moe_layer_with_torch_experts_equals_sequential_mlp(megatron_cpu):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import get_submodules
+
+    from megatron_moe_ext.experts.grouped_mlp import TorchGroupedMLP
+
+    cfg = megatron_cpu.moe_config(hidden_size=H, ffn_hidden_size=F, num_moe_experts=E, gated_linear_unit=True)
+    subs = get_submodules(get_gpt_layer_local_submodules(num_experts=E, moe_grouped_gemm=False).mlp)
+    stock = MoELayer(cfg, subs)
+    ours = MoELayer(cfg, type(subs)(experts=TorchGroupedMLP, router=subs.router))
+    with torch.no_grad():
+        ours.router.weight.copy_(stock.router.weight)
+        for i, ex in enumerate(stock.experts.local_experts):
+            ours.experts.linear_fc1.weight[i].copy_(ex.linear_fc1.weight)
+            ours.experts.linear_fc2.weight[i].copy_(ex.linear_fc2.weight)
+    x = torch.randn(6, 3, H)
+    outs = []
+    for layer in (stock, ours):
+        xi = x.clone().requires_grad_(True)
+        y, _ = layer(xi)
+        y.sum().backward()
+        outs.append((y.detach(), xi.grad))
+    assert (outs[0][0] - outs[1][0]).abs().max() < 1e-5
+    assert (outs[0][1] - outs[1][1]).abs().max() < 1e-5
+
+
+def test_fp8_emulation_is_within_fp8_error_and_backward_is_exact(megatron_cpu):
+    from megatron_moe_ext.experts.fp8_grouped_mlp import TorchFP8GroupedMLP, quantize_rows
+
+    torch.manual_seed(1)
+    mod = _experts(megatron_cpu, True, cls=TorchFP8GroupedMLP, emulate=True)
+    plain = _experts(megatron_cpu, True)
+    plain.load_state_dict(mod.state_dict())
+    tpe = torch.tensor([7, 2, 0, 6])
+    x = torch.randn(15, H)
+    x[3, 5] = 80.0  # an outlier row: its own scale, the other rows keep their precision
+    probs = torch.rand(15)
+    y8, _ = mod(x, tpe, probs)
+    y, _ = plain(x, tpe, probs)
+    # e4m3 keeps 3 mantissa bits: each quantized operand is off by <= 2^-4 relative, so a dot
+    # product by <= ~2 * 2^-4 of the sum of |terms|; two chained GEMMs stay within ~0.25 of |y|max.
+    assert torch.isfinite(y8).all()
+    assert ((y8 - y).abs().max() / y.abs().max()) < 0.25
+    assert ((y8 - y).abs().max() / y.abs().max()) > 0  # it did quantize
+    q, s = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and ((q.float() * s[:, None] - x).abs() <= x.abs() * 2**-3 + 1e-6 * s[:, None]).all()
+
+    # backward: BF16/FP32 gradients of the unquantized operands, given the same upstream gradient
+    from megatron_moe_ext.experts.fp8_grouped_mlp import _FP8GroupedMM
+
+    w = torch.randn(4, 8, H, requires_grad=True)
+    xi = torch.randn(15, H, requires_grad=True)
+    offs = torch.cumsum(tpe, 0).to(torch.int32)
+    g = torch.randn(15, 8)
+    _FP8GroupedMM.apply(xi, w, offs, True).backward(g)
+    w2, x2 = w.detach().clone().requires_grad_(True), xi.detach().clone().requires_grad_(True)
+    torch._grouped_mm(x2, w2.transpose(-2, -1), offs=offs).backward(g)
+    assert torch.allclose(xi.grad, x2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+
+
+def test_fp8_without_an_fp8_gpu_names_the_fix(megatron_cpu):
+    from megatron_moe_ext.experts.fp8_grouped_mlp import TorchFP8GroupedMLP
+
+    mod = _experts(megatron_cpu, True, cls=TorchFP8GroupedMLP)
+    with pytest.raises(RuntimeError, match="drop --fp8-format"):
+        mod(torch.randn(4, H), torch.tensor([4, 0, 0, 0]), torch.ones(4))
+
+
+def test_biases_are_refused(megatron_cpu):
+    from megatron_moe_ext.experts.grouped_mlp import TorchGroupedMLP
+
+    cfg = megatron_cpu.moe_config(hidden_size=H, ffn_hidden_size=F, num_moe_experts=E, add_bias_linear=True)
+    with pytest.raises(ValueError, match="--disable-bias-linear"):
+        TorchGroupedMLP(E, cfg)
+
+
+def test_torch_dist_checkpoint_moves_between_sequential_and_torch_experts(megatron_cpu, tmp_path):
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import get_submodules
+
+    from megatron_moe_ext.experts.grouped_mlp import TorchGroupedMLP
+
+    cfg = megatron_cpu.moe_config(hidden_size=H, ffn_hidden_size=F, num_moe_experts=E, gated_linear_unit=True)
+    subs = get_submodules(get_gpt_layer_local_submodules(num_experts=E, moe_grouped_gemm=False).mlp)
+    make = {"sequential": lambda: MoELayer(cfg, subs),
+            "torch": lambda: MoELayer(cfg, type(subs)(experts=TorchGroupedMLP, router=subs.router))}
+    x = torch.randn(5, 2, H)
+    for src, dst in (("sequential", "torch"), ("torch", "sequential")):
+        torch.manual_seed(3 if src == "torch" else 4)
+        a, b = make[src](), make[dst]()
+        folder = tmp_path / f"{src}_to_{dst}"
+        folder.mkdir()
+        dist_checkpointing.save(a.sharded_state_dict(prefix="mlp."), str(folder))
+        loaded = dist_checkpointing.load(b.sharded_state_dict(prefix="mlp."), str(folder))
+        b.load_state_dict({k[len("mlp."):]: v for k, v in loaded.items()}, strict=True)
+        with torch.no_grad():
+            assert (a(x)[0] - b(x)[0]).abs().max() < 1e-5, (src, dst)
+
+
+@pytest.mark.dist
+def test_pretrain_resumes_a_sequential_checkpoint_on_torch_experts(tmp_path):
+    """Megatron's pretrain() (EP=2, gloo): a run with SequentialMLP experts saves at iteration 5;
+    the run resumed from it with --moe-expert-backend torch continues with the same losses
+    (weights and optimizer moments move through the shared checkpoint keys)."""
+    import shutil
+
+    from conftest import pretrain_cpu, train_losses
+
+    full_ckpt, full_log = tmp_path / "full", tmp_path / "full.jsonl"
+    pretrain_cpu(tmp_path, full_ckpt, full_log)
+    full = train_losses(full_log)
+    resume_ckpt, resume_log = tmp_path / "resume", tmp_path / "resume.jsonl"
+    resume_ckpt.mkdir()
+    shutil.copytree(full_ckpt / "iter_0000005", resume_ckpt / "iter_0000005")
+    (resume_ckpt / "latest_checkpointed_iteration.txt").write_text("5")
+    pretrain_cpu(tmp_path, resume_ckpt, resume_log, "--moe-expert-backend", "torch")
+    resumed = train_losses(resume_log)
+    assert sorted(resumed) == [6, 7, 8]
+    for it in (6, 7, 8):  # float32 on CPU, GEMMs summed in another order: ~1e-6 relative
+        assert resumed[it] == pytest.approx(full[it], rel=1e-5), (it, resumed, full)
