@@ -356,6 +356,10 @@ class LocMoERouter(PolicyRouter):
         valid = None if padding_mask is None else ~padding_mask
         kl = locality_loss(scores, self.locality_mask, eps=self.ext_cfg.locmoe_eps, valid=valid)
         with torch.no_grad():
+            # The router is built on the CPU and moved by Megatron's model.cuda(), which does not
+            # move plain attributes: follow the loss's device (a buffer would be cast to bf16).
+            if self.locality_kl_sum.device != kl.device:
+                self.locality_kl_sum = self.locality_kl_sum.to(kl.device)
             self.locality_kl_sum += torch.stack([kl.detach().double(), kl.new_ones(()).double()])
         return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
                                                        self.tp_cp_group)
