@@ -21,29 +21,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import statistics
 
 import torch
+from gpu_setup import init_single_gpu_megatron, median_ms
 
 SHAPES = {
     "h2048 ffn1408 16E top-2 gelu": dict(hidden=2048, ffn=1408, experts=16, topk=2, glu=False),
     "qwen3-30b-a3b-like h2048 ffn768 128E top-8 swiglu": dict(hidden=2048, ffn=768, experts=128, topk=8, glu=True),
     "mixtral-like h4096 ffn14336 8E top-2 swiglu": dict(hidden=4096, ffn=14336, experts=8, topk=2, glu=True),
 }
-
-
-def median_ms(fn, iters: int, warmup: int) -> float:
-    events = []
-    for i in range(warmup + iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(i)
-        b.record()
-        if i >= warmup:
-            events.append((a, b))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in events)
 
 
 def matmul_peak_tflops() -> float:
@@ -148,18 +134,10 @@ def main() -> None:
     p.add_argument("--shapes", nargs="*", default=list(SHAPES))
     args = p.parse_args()
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29513")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
+    init_single_gpu_megatron(port=29513)
     from megatron_moe_ext.config import MoEExtConfig
     from megatron_moe_ext.megatron.router import C2RRouter, LocMoERouter
 
-    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    model_parallel_cuda_manual_seed(1)
     peak = matmul_peak_tflops()
     print(f"{torch.cuda.get_device_name()}: BF16 8192^3 matmul {peak:.0f} TFLOP/s")
     results = {"device": torch.cuda.get_device_name(), "matmul_peak_tflops": peak, "shapes": {}}

@@ -23,6 +23,7 @@ import statistics
 from collections import defaultdict
 
 import torch
+from gpu_setup import init_single_gpu_megatron, median_ms
 
 
 def build(args, mode: str):
@@ -50,21 +51,14 @@ def build(args, mode: str):
     return TransformerBlock(cfg, spec).cuda()
 
 
-def time_steps(block, args, pool, setup=None) -> float:
+def time_steps(block, args, pool) -> float:
     mask = torch.triu(torch.ones(args.seq, args.seq, dtype=torch.bool, device="cuda"), 1)[None, None]
-    times = []
-    for i in range(args.warmup + args.iters):
+
+    def step(i):
         x, dy = pool[i % len(pool)]
-        x = x.detach().requires_grad_(True)
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y = block(hidden_states=x, attention_mask=mask)
-        y.backward(dy)
-        stop.record()
-        if i >= args.warmup:
-            times.append((start, stop))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in times)
+        block(hidden_states=x.detach().requires_grad_(True), attention_mask=mask).backward(dy)
+
+    return median_ms(step, args.iters, args.warmup)
 
 
 def set_slot(block, slot, overlap: bool) -> None:
@@ -114,15 +108,7 @@ def main() -> None:
     p.add_argument("--trace-dir", default=None)
     args = p.parse_args()
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29512")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    model_parallel_cuda_manual_seed(1)
+    init_single_gpu_megatron(port=29512)
 
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (args.seq, args.batch, args.hidden)

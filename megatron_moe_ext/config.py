@@ -294,12 +294,10 @@ class MoEExtConfig:
                 scmoe_shortcut_sources(moe_layer_pattern(get("moe_layer_freq", 1), num_layers), self.scmoe)
             except ValueError as e:
                 raise MoEExtConfigError(str(e)) from None
-        if get("recompute_granularity") == "full" and get("recompute_method") != "uniform":
-            raise MoEExtConfigError(f"{flag} with full recomputation needs --recompute-method uniform, "
-                                    "so that a dense layer and the MoE layer reading it are recomputed together.")
-        if get("recompute_granularity") == "selective" and set(get("recompute_modules") or []) & {"moe", "mlp"}:
-            raise MoEExtConfigError(f"{flag} schedules the MoE itself, so --recompute-modules moe/mlp "
-                                    "would not apply to its layers; drop them.")
+        problem = scmoe_recompute_problem(get("recompute_granularity"), get("recompute_method"),
+                                          get("recompute_modules"))
+        if problem:
+            raise MoEExtConfigError(problem)
 
     def _validate_dedup(self, a: object) -> None:
         """What DedupAlltoAllTokenDispatcher does not support, caught before anything starts."""
@@ -382,6 +380,19 @@ def moe_layer_pattern(moe_layer_freq, num_layers: int) -> list:
     if len(pattern) != num_layers:
         raise ValueError(f"--moe-layer-freq has {len(pattern)} entries for {num_layers} layers.")
     return pattern
+
+
+def scmoe_recompute_problem(granularity: Optional[str], method: Optional[str], modules) -> Optional[str]:
+    """The sentence refusing a recomputation setting that would separate an ScMoE shortcut from
+    the layers it joins, or None. (Where chunk boundaries fall needs the stage's layer offsets:
+    scmoe_spec checks that when the block is built.)"""
+    if granularity == "full" and method != "uniform":
+        return ("--moe-scmoe with full recomputation needs --recompute-method uniform, so that a "
+                "dense layer and the MoE layer reading it are recomputed together.")
+    if granularity == "selective" and set(modules or []) & {"moe", "mlp"}:
+        return ("--moe-scmoe schedules the MoE itself, so --recompute-modules moe/mlp would not "
+                "apply to its layers; drop them.")
+    return None
 
 
 def scmoe_shortcut_sources(pattern: list, mode: str) -> dict:

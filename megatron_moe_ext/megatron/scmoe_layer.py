@@ -72,14 +72,14 @@ class ShortcutLink:
         return pending
 
 
-def _side_stream() -> Optional[torch.cuda.Stream]:
+_SIDE_STREAM = None  # shared by all ScMoE layers: their side-stream work is issued in layer order anyway
+
+
+def _side_stream() -> torch.cuda.Stream:
     global _SIDE_STREAM
     if _SIDE_STREAM is None:
         _SIDE_STREAM = torch.cuda.Stream()
     return _SIDE_STREAM
-
-
-_SIDE_STREAM = None
 
 
 class RoutedPass:

@@ -30,10 +30,8 @@ class SlotChooser:
 
     def __init__(self, setting: Union[str, int], slots: Sequence[int], default: int, name: str = "") -> None:
         if setting != "auto":
-            setting = int(setting)
-            if setting not in slots:
-                # Pos-1 has no block l MLP to overlap: slot 1 is the same point as slot 2.
-                setting = max(s for s in slots if s <= setting) if setting > min(slots) else min(slots)
+            # Pos-1 has no block l MLP to overlap: there slot 1 is the same point as slot 2.
+            setting = max(int(setting), min(slots))
         self.setting, self.slots, self.default, self.name = setting, tuple(slots), default, name
         self.frozen: Optional[int] = None if setting == "auto" else setting
         self.medians_ms: Dict[int, float] = {}

@@ -13,7 +13,12 @@ from typing import Any, List, Optional
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
-from megatron_moe_ext.config import MoEExtConfig, moe_layer_pattern, scmoe_shortcut_sources
+from megatron_moe_ext.config import (
+    MoEExtConfig,
+    moe_layer_pattern,
+    scmoe_recompute_problem,
+    scmoe_shortcut_sources,
+)
 from megatron_moe_ext.megatron.scmoe_layer import (
     ScMoELayer,
     ScMoELayerSubmodules,
@@ -68,15 +73,12 @@ def _require_plain_layer(spec: ModuleSpec, g: int) -> None:
 
 def _check_recompute(config: Any, local_pairs: List[tuple]) -> None:
     """Both layers of a pair must be recomputed together (the shortcut crosses them)."""
-    modules = set(getattr(config, "recompute_modules", None) or [])
-    if config.recompute_granularity == "selective" and modules & {"moe", "mlp"}:
-        raise ValueError("--moe-scmoe schedules the MoE itself, so --recompute-modules moe/mlp would "
-                         "not apply to its layers; drop them (or use full recomputation).")
+    problem = scmoe_recompute_problem(config.recompute_granularity, config.recompute_method,
+                                      getattr(config, "recompute_modules", None))
+    if problem:
+        raise ValueError(problem)
     if config.recompute_granularity != "full":
         return
-    if config.recompute_method != "uniform":
-        raise ValueError("--moe-scmoe with full recomputation needs --recompute-method uniform, so "
-                         "that a dense layer and the MoE layer reading it are recomputed together.")
     n = config.recompute_num_layers
     for producer, consumer in local_pairs:
         if producer // n != consumer // n:
