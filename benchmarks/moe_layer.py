@@ -4,12 +4,20 @@ and the plugin's routers' cost.
     python benchmarks/moe_layer.py --json $OUT/moe_layer.json
 
 For each shape (8192 tokens, EP=1, BF16 parameters) it builds Megatron's MoELayer (alltoall
-dispatcher) and times fwd+bwd with CUDA events: warm-up, then the median of --iters steps, inputs
-rotating through a pool of fresh random tensors. Rows:
-  stock sequential     Megatron's SequentialMLP experts (the no-TE path; TEGroupedMLP needs TE)
+dispatcher; permute and router fusion on where Transformer Engine is installed) and times fwd+bwd
+with CUDA events: warm-up, then the median of --iters steps, inputs rotating through a pool of
+fresh random tensors. Rows:
+  stock sequential     Megatron's SequentialMLP experts (the no-TE path)
+  stock te bf16        Megatron's TEGroupedMLP (with TE only), and `stock te fp8 <recipe>` for
+                       each FP8 recipe (hybrid format) the GPU runs
+  stock te fp8 tensorwise +padding (stock / fixed)   the same with --moe-router-padding-for-
+                       quantization, stock (crashes in backward) and with the plugin's fix
   torch bf16           the plugin's TorchGroupedMLP (torch._grouped_mm)
-  torch fp8            TorchFP8GroupedMLP (FP8 forward GEMMs, BF16 backward)
-  router topk/c2r/locmoe   the router alone, fwd+bwd, same inputs
+  torch fp8            TorchFP8GroupedMLP (FP8 forward and dgrad), weights quantized every step
+                       as with one micro-batch per optimizer step
+  torch fp8 cached w   the same with the weight quantization reused (what gradient accumulation
+                       over several micro-batches approaches)
+  router topk/c2r/locmoe   the router alone, fwd+bwd, same inputs (and `unfused` with TE)
 Columns: ms, TFLOP/s of the expert GEMMs (6 x tokens x k x h x ffn x (3 for GLU else 2)), the
 fraction of a BF16 8192^3 matmul's rate measured in the same run, and a breakdown: router,
 experts module alone (on pre-permuted tokens), and the rest (permute, unpermute, aux loss).
@@ -40,61 +48,107 @@ def matmul_peak_tflops() -> float:
     return 2 * n**3 / ms / 1e9
 
 
-def config(shape, fp8: bool = False):
+def have_te() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def fp8_recipes() -> list:
+    """Megatron's FP8 recipes this GPU runs (mxfp8 needs Blackwell)."""
+    major = torch.cuda.get_device_capability()[0]
+    return ["delayed", "tensorwise", "blockwise"] + (["mxfp8"] if major >= 10 else [])
+
+
+def config(shape, fp8_recipe=None, fused=None, padding=False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(
+    fused = have_te() if fused is None else fused
+    fp8 = dict(fp8="hybrid", fp8_recipe=fp8_recipe) if fp8_recipe else {}
+    return TransformerConfig(**fp8, moe_router_padding_for_quantization=padding,
         num_layers=1, hidden_size=shape["hidden"], ffn_hidden_size=shape["ffn"], moe_ffn_hidden_size=shape["ffn"],
         num_attention_heads=16, num_moe_experts=shape["experts"], moe_router_topk=shape["topk"],
         moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=1e-2, moe_router_dtype="fp32", gated_linear_unit=shape["glu"],
         activation_func=torch.nn.functional.silu if shape["glu"] else torch.nn.functional.gelu,
         add_bias_linear=False, bf16=True, params_dtype=torch.bfloat16, gradient_accumulation_fusion=False,
-        bias_activation_fusion=False, moe_permute_fusion=False, moe_router_fusion=False)
+        bias_activation_fusion=False, moe_permute_fusion=fused, moe_router_fusion=fused)
 
 
-def build(shape, experts: str, router=None):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+def build(shape, experts: str, router=None, fused=None):
+    """experts: a row name of the table (see the module doc)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_submodules,
+        get_gpt_layer_with_transformer_engine_submodules,
+    )
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.spec_utils import get_submodules
 
     from megatron_moe_ext.experts.fp8_grouped_mlp import TorchFP8GroupedMLP
     from megatron_moe_ext.experts.grouped_mlp import TorchGroupedMLP
 
-    cfg = config(shape)
-    subs = get_submodules(get_gpt_layer_local_submodules(num_experts=shape["experts"], moe_grouped_gemm=False).mlp)
+    recipe = experts.split()[3] if experts.startswith("stock te fp8") else None
+    cfg = config(shape, fp8_recipe=recipe, fused=fused, padding="+padding" in experts)
+    if experts.startswith("stock te"):
+        subs = get_submodules(get_gpt_layer_with_transformer_engine_submodules(
+            num_experts=shape["experts"], moe_grouped_gemm=True).mlp)
+    else:
+        subs = get_submodules(get_gpt_layer_local_submodules(num_experts=shape["experts"], moe_grouped_gemm=False).mlp)
     kw = {}
     if experts == "torch bf16":
         kw["experts"] = TorchGroupedMLP
-    elif experts == "torch fp8":
+    elif experts.startswith("torch fp8"):
         kw["experts"] = TorchFP8GroupedMLP
     if router is not None:
         kw["router"] = router
-    return MoELayer(cfg, type(subs)(**{"experts": subs.experts, "router": subs.router, **kw})).cuda()
+    layer = MoELayer(cfg, type(subs)(**{"experts": subs.experts, "router": subs.router, **kw})).cuda()
+    layer.bench_ctx = fp8_context(cfg)
+    layer.bench_new_step = experts == "torch fp8"  # requantize the weights every iteration
+    return layer
+
+
+def fp8_context(cfg):
+    """Megatron's FP8 autocast for this config (a no-op context without FP8)."""
+    from megatron.core.fp8_utils import get_fp8_context
+
+    return lambda: get_fp8_context(cfg)
 
 
 def copy_weights(src, dst) -> None:
-    """SequentialMLP -> stacked, so that backends compute the same function."""
+    """SequentialMLP -> stacked (torch) or per-expert weight{i} (TEGroupedMLP), so that backends
+    compute the same function."""
     with torch.no_grad():
         dst.router.weight.copy_(src.router.weight)
         for i, e in enumerate(src.experts.local_experts):
-            dst.experts.linear_fc1.weight[i].copy_(e.linear_fc1.weight)
-            dst.experts.linear_fc2.weight[i].copy_(e.linear_fc2.weight)
+            for name in ("linear_fc1", "linear_fc2"):
+                w = getattr(e, name).weight
+                target = getattr(dst.experts, name)
+                (getattr(target, f"weight{i}") if hasattr(target, f"weight{i}") else target.weight[i]).copy_(w)
 
 
 def layer_step(layer, pool):
+    from megatron_moe_ext.experts.fp8_grouped_mlp import new_optimizer_step
+
     def step(i):
         x, dy = pool[i % len(pool)]
         x = x.detach().requires_grad_(True)
-        y, _ = layer(x)
+        layer.zero_grad(set_to_none=True)  # time the layer, not an accumulation into old grads
+        if layer.bench_new_step:
+            new_optimizer_step()
+        with layer.bench_ctx():
+            y, _ = layer(x)
         y.backward(dy)
     return step
 
 
 def experts_step(layer, pool):
     """The experts module alone on tokens permuted once, outside the timed region."""
+    from megatron_moe_ext.experts.fp8_grouped_mlp import new_optimizer_step
+
     x0 = pool[0][0]
-    with torch.no_grad():
+    with torch.no_grad(), layer.bench_ctx():
         probs, rmap = layer.router(x0)
         tok, p = layer.token_dispatcher.dispatch_preprocess(x0, rmap, probs)
         tok, p = layer.token_dispatcher.token_dispatch(tok, p)
@@ -103,7 +157,11 @@ def experts_step(layer, pool):
 
     def step(i):
         t = tok.detach().requires_grad_(True)
-        out, _ = layer.experts(t, tpe, p.detach())
+        layer.zero_grad(set_to_none=True)
+        if layer.bench_new_step:
+            new_optimizer_step()
+        with layer.bench_ctx():
+            out, _ = layer.experts(t, tpe, p.detach())
         out.backward(dy)
     return step
 
@@ -111,9 +169,43 @@ def experts_step(layer, pool):
 def router_step(layer, pool):
     def step(i):
         x = pool[i % len(pool)][0].detach().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
         probs, _ = layer.router(x)
         probs.sum().backward()
     return step
+
+
+KERNEL_CLASSES = (  # first match wins (FP8 GEMMs' names mention e4m3); as the profiler names them
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "grouped_mm", "scaled_mm", "wgmma")),
+    ("fp8 quantize", ("_rows_kernel", "_cast_transpose", "float8", "e4m3", "fp8_quant", "cast_transpose",
+                      "quantize")),
+    ("permute", ("permute", "unpermute", "sort", "scatter", "gather", "index", "nonzero", "masked",
+                 "cumsum", "moe_")),
+    ("activation", ("silu", "swiglu", "gelu", "sigmoid", "triton_")),
+)
+
+
+def kernel_breakdown(step, steps: int = 5) -> dict:
+    """GPU time per step by kernel class (torch.profiler), ms, plus the five largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    classes, kernels = {}, {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0) or 0
+        if us <= 0:
+            continue
+        name = evt.key.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other")
+        classes[cls] = classes.get(cls, 0.0) + us / 1e3 / steps
+        kernels[evt.key[:80]] = us / 1e3 / steps
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:5])
+    return {"classes_ms": classes, "top_kernels_ms": top}
 
 
 def check_against_reference(ref, layer, x) -> float:
@@ -121,7 +213,8 @@ def check_against_reference(ref, layer, x) -> float:
     the float64 comparison of the backends is in tests/test_grouped_experts.py)."""
     with torch.no_grad():
         y_ref, _ = ref(x)
-        y, _ = layer(x)
+        with layer.bench_ctx():
+            y, _ = layer(x)
     return ((y.float() - y_ref.float()).abs().max() / y_ref.float().abs().max()).item()
 
 
@@ -132,15 +225,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", required=True)
     p.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    p.add_argument("--kernels", action="store_true", help="also profile each row's kernels by class")
     args = p.parse_args()
 
     init_single_gpu_megatron(port=29513)
     from megatron_moe_ext.config import MoEExtConfig
+    from megatron.core.transformer.moe import token_dispatcher
+
     from megatron_moe_ext.megatron.router import C2RRouter, LocMoERouter
+    from megatron_moe_ext.megatron.router_padding_fix import apply_router_padding_fix
+
+    stock_pad = token_dispatcher.pad_routing_map
 
     peak = matmul_peak_tflops()
     print(f"{torch.cuda.get_device_name()}: BF16 8192^3 matmul {peak:.0f} TFLOP/s")
-    results = {"device": torch.cuda.get_device_name(), "matmul_peak_tflops": peak, "shapes": {}}
+    results = {"device": torch.cuda.get_device_name(), "matmul_peak_tflops": peak, "shapes": {},
+               "transformer_engine": have_te(), "torch": torch.__version__}
     for name in args.shapes:
         shape = SHAPES[name]
         h, f, k = shape["hidden"], shape["ffn"], shape["topk"]
@@ -151,10 +251,17 @@ def main() -> None:
                 for _ in range(3)]
         rows = {}
         stock = build(shape, "stock sequential")
-        for backend in ("stock sequential", "torch bf16", "torch fp8"):
-            layer = stock if backend == "stock sequential" else build(shape, backend)
+        backends = ["stock sequential"]
+        if have_te():
+            backends += ["stock te bf16"] + [f"stock te fp8 {r}" for r in fp8_recipes()]
+            backends += ["stock te fp8 tensorwise +padding (stock)", "stock te fp8 tensorwise +padding (fixed)"]
+        backends += ["torch bf16", "torch fp8", "torch fp8 cached w"]
+        for backend in backends:
             row = {}
             try:
+                if backend.endswith("(fixed)"):
+                    apply_router_padding_fix()
+                layer = stock if backend == "stock sequential" else build(shape, backend)
                 if layer is not stock:
                     copy_weights(stock, layer)
                     row["rel_err_vs_stock"] = check_against_reference(stock, layer, pool[0][0])
@@ -162,35 +269,46 @@ def main() -> None:
                 row["experts_ms"] = median_ms(experts_step(layer, pool), args.iters, args.warmup)
                 row["router_ms"] = median_ms(router_step(layer, pool), args.iters, args.warmup)
                 row["rest_ms"] = row["ms"] - row["experts_ms"] - row["router_ms"]
+                if args.kernels:
+                    row["kernels"] = kernel_breakdown(layer_step(layer, pool))
                 row["tflops"] = flops / row["ms"] / 1e9
                 row["peak_fraction"] = row["tflops"] / peak
             except Exception as e:  # keep the other rows; the error goes into the table
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            finally:
+                if backend.endswith("(fixed)"):
+                    token_dispatcher.pad_routing_map = stock_pad
             rows[backend] = row
-            if layer is not stock:
-                del layer
+            layer = None
             torch.cuda.empty_cache()
-        for policy, cls in (("topk", None), ("c2r", C2RRouter), ("locmoe", LocMoERouter)):
-            router = None if cls is None else functools.partial(cls, ext_cfg=MoEExtConfig(router_policy=policy))
-            try:
-                layer = build(shape, "torch bf16", router=router)
-                rows[f"router {policy}"] = {"router_ms": median_ms(router_step(layer, pool), args.iters, args.warmup)}
-                del layer
-            except Exception as e:
-                rows[f"router {policy}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        for fused in ([True, False] if have_te() else [False]):
+            for policy, cls in (("topk", None), ("c2r", C2RRouter), ("locmoe", LocMoERouter)):
+                router = None if cls is None else functools.partial(cls, ext_cfg=MoEExtConfig(router_policy=policy))
+                label = f"router {policy}" + ("" if fused or not have_te() else " unfused")
+                try:
+                    layer = build(shape, "torch bf16", router=router, fused=fused)
+                    rows[label] = {"router_ms": median_ms(router_step(layer, pool), args.iters, args.warmup)}
+                    del layer
+                except Exception as e:
+                    rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         results["shapes"][name] = rows
         del stock
         torch.cuda.empty_cache()
         print(f"\n{name}, {args.tokens} tokens, fwd+bwd, median of {args.iters}")
-        print(f"{'row':<18}{'ms':>9}{'TFLOP/s':>9}{'peak':>7}{'router':>8}{'experts':>9}{'rest':>8}{'err':>9}")
+        print(f"{'row':<42}{'ms':>9}{'TFLOP/s':>9}{'peak':>7}{'router':>8}{'experts':>9}{'rest':>8}{'err':>9}")
         for r, v in rows.items():
             if "error" in v:
-                print(f"{r:<18} {v['error']}")
+                print(f"{r:<42} {v['error']}")
             elif "ms" in v:
-                print(f"{r:<18}{v['ms']:>9.2f}{v['tflops']:>9.0f}{v['peak_fraction']:>7.1%}{v['router_ms']:>8.2f}"
+                print(f"{r:<42}{v['ms']:>9.2f}{v['tflops']:>9.0f}{v['peak_fraction']:>7.1%}{v['router_ms']:>8.2f}"
                       f"{v['experts_ms']:>9.2f}{v['rest_ms']:>8.2f}{v.get('rel_err_vs_stock', 0):>9.1e}")
             else:
-                print(f"{r:<18}{'':>9}{'':>9}{'':>7}{v['router_ms']:>8.2f}")
+                print(f"{r:<42}{'':>9}{'':>9}{'':>7}{v['router_ms']:>8.2f}")
+        if args.kernels:
+            print("GPU kernel time per step by class (ms):")
+            for r, v in rows.items():
+                if "kernels" in v:
+                    print(f"  {r:<40}" + "  ".join(f"{c} {t:.2f}" for c, t in sorted(v["kernels"]["classes_ms"].items())))
     with open(args.json, "w") as fh:
         json.dump(results, fh, indent=1)
 

@@ -70,6 +70,30 @@ def test_grouped_experts_match_float64_reference(megatron_cpu, dtype, glu):
     assert mod.linear_fc1.weight.grad[1].abs().max() == 0  # the idle expert
 
 
+def test_fused_swiglu_path_equals_the_plain_activation(megatron_cpu):
+    """--bias-swiglu-fusion routes the GLU through Megatron's weighted SwiGLU (its own autograd
+    function); same values and gradients as the plain path (float32: summation-order level)."""
+    from megatron_moe_ext.experts.grouped_mlp import TorchGroupedMLP
+
+    torch.manual_seed(3)
+    mods = []
+    for fused in (False, True):
+        cfg = megatron_cpu.moe_config(hidden_size=H, ffn_hidden_size=F, num_moe_experts=E, gated_linear_unit=True,
+                                      activation_func=torch.nn.functional.silu, bias_activation_fusion=fused)
+        mods.append(TorchGroupedMLP(E, cfg))
+    mods[1].load_state_dict(mods[0].state_dict())
+    assert mods[1]._fused_swiglu() and not mods[0]._fused_swiglu()
+    tpe, x, probs = torch.tensor([3, 4, 0, 5]), torch.randn(12, H), torch.rand(12)
+    grads = []
+    for mod in mods:
+        xi, pi = x.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+        y, _ = mod(xi, tpe, pi)
+        y.square().sum().backward()
+        grads.append((y.detach(), xi.grad, pi.grad, mod.linear_fc1.weight.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_moe_layer_with_torch_experts_equals_sequential_mlp(megatron_cpu):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
     from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -95,48 +119,6 @@ def test_moe_layer_with_torch_experts_equals_sequential_mlp(megatron_cpu):
         outs.append((y.detach(), xi.grad))
     assert (outs[0][0] - outs[1][0]).abs().max() < 1e-5
     assert (outs[0][1] - outs[1][1]).abs().max() < 1e-5
-
-
-def test_fp8_emulation_is_within_fp8_error_and_backward_is_exact(megatron_cpu):
-    from megatron_moe_ext.experts.fp8_grouped_mlp import TorchFP8GroupedMLP, quantize_rows
-
-    torch.manual_seed(1)
-    mod = _experts(megatron_cpu, True, cls=TorchFP8GroupedMLP, emulate=True)
-    plain = _experts(megatron_cpu, True)
-    plain.load_state_dict(mod.state_dict())
-    tpe = torch.tensor([7, 2, 0, 6])
-    x = torch.randn(15, H)
-    x[3, 5] = 80.0  # an outlier row: its own scale, the other rows keep their precision
-    probs = torch.rand(15)
-    y8, _ = mod(x, tpe, probs)
-    y, _ = plain(x, tpe, probs)
-    # e4m3 keeps 3 mantissa bits: each quantized operand is off by <= 2^-4 relative, so a dot
-    # product by <= ~2 * 2^-4 of the sum of |terms|; two chained GEMMs stay within ~0.25 of |y|max.
-    assert torch.isfinite(y8).all()
-    assert ((y8 - y).abs().max() / y.abs().max()) < 0.25
-    assert ((y8 - y).abs().max() / y.abs().max()) > 0  # it did quantize
-    q, s = quantize_rows(x)
-    assert q.dtype == torch.float8_e4m3fn and ((q.float() * s[:, None] - x).abs() <= x.abs() * 2**-3 + 1e-6 * s[:, None]).all()
-
-    # backward: BF16/FP32 gradients of the unquantized operands, given the same upstream gradient
-    from megatron_moe_ext.experts.fp8_grouped_mlp import _FP8GroupedMM
-
-    w = torch.randn(4, 8, H, requires_grad=True)
-    xi = torch.randn(15, H, requires_grad=True)
-    offs = torch.cumsum(tpe, 0).to(torch.int32)
-    g = torch.randn(15, 8)
-    _FP8GroupedMM.apply(xi, w, offs, True).backward(g)
-    w2, x2 = w.detach().clone().requires_grad_(True), xi.detach().clone().requires_grad_(True)
-    torch._grouped_mm(x2, w2.transpose(-2, -1), offs=offs).backward(g)
-    assert torch.allclose(xi.grad, x2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
-
-
-def test_fp8_without_an_fp8_gpu_names_the_fix(megatron_cpu):
-    from megatron_moe_ext.experts.fp8_grouped_mlp import TorchFP8GroupedMLP
-
-    mod = _experts(megatron_cpu, True, cls=TorchFP8GroupedMLP)
-    with pytest.raises(RuntimeError, match="drop --fp8-format"):
-        mod(torch.randn(4, H), torch.tensor([4, 0, 0, 0]), torch.ones(4))
 
 
 def test_biases_are_refused(megatron_cpu):

@@ -96,10 +96,23 @@ class TorchGroupedMLP(MegatronModule):
             tokens = (probs.unsqueeze(-1) * tokens).to(tokens.dtype)
             probs = torch.ones_like(probs)
         offs = torch.cumsum(tokens_per_expert.to(device=tokens.device), 0).to(torch.int32)
-        hidden = self.activation(self.grouped_mm(tokens, self.linear_fc1.weight, offs))
-        # Megatron scales after the activation, in the activation's dtype (mlp.py per_token_scale).
-        hidden = (hidden * probs.unsqueeze(-1)).to(hidden.dtype)
+        fc1_out = self.grouped_mm(tokens, self.linear_fc1.weight, offs)
+        if self._fused_swiglu():
+            from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+            # Megatron's fused SwiGLU x probs (--bias-swiglu-fusion), as its MLP and TEGroupedMLP use
+            hidden = weighted_bias_swiglu_impl(fc1_out, None, probs.unsqueeze(-1))
+        else:
+            hidden = self.activation(fc1_out)
+            # Megatron scales after the activation, in the activation's dtype (mlp.py per_token_scale).
+            hidden = (hidden * probs.unsqueeze(-1)).to(hidden.dtype)
         return self.grouped_mm(hidden, self.linear_fc2.weight, offs), None
+
+    def _fused_swiglu(self) -> bool:
+        cfg = self.config
+        return bool(cfg.bias_activation_fusion and cfg.gated_linear_unit
+                    and cfg.activation_func is torch.nn.functional.silu
+                    and cfg.activation_func_clamp_value is None and not cfg.glu_linear_offset)
 
     # -- distributed checkpoints: SequentialMLP's keys ----------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

@@ -102,8 +102,10 @@ class PolicyRouter(TopKRouter):
             score_function=self.score_function, precomputed_indices=indices)
 
     def extra_losses(self, probs: torch.Tensor, logits: torch.Tensor,
-                     padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Attach policy-specific auxiliary losses to `probs` (identity by default)."""
+                     padding_mask: Optional[torch.Tensor],
+                     scores_for_aux: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attach policy-specific auxiliary losses to `probs` (identity by default).
+        scores_for_aux: Megatron's balance-loss scores [T, E] when a balance loss ran, else None."""
         return probs
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -130,9 +132,11 @@ class PolicyRouter(TopKRouter):
             )
 
         if self.training and torch.is_grad_enabled():
+            scores_for_aux = None
             if self.is_aux_loss_enabled():
                 _, scores_for_aux = compute_routing_scores_for_aux_loss(
-                    logits, self.topk, self.score_function, fused=False, padding_mask=padding_mask)
+                    logits, self.topk, self.score_function, fused=self.config.moe_router_fusion,
+                    padding_mask=padding_mask)
                 map_for_aux = chosen_map
                 if padding_mask is not None:
                     map_for_aux = map_for_aux & (~padding_mask).unsqueeze(-1)
@@ -143,7 +147,7 @@ class PolicyRouter(TopKRouter):
                                                  bsz, with_padding_mask=with_pad)
                 probs = self._apply_global_aux_loss(probs, scores_for_aux, map_for_aux,
                                                     with_padding_mask=with_pad)
-            probs = self.extra_losses(probs, logits, padding_mask)
+            probs = self.extra_losses(probs, logits, padding_mask, scores_for_aux)
 
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
@@ -265,7 +269,11 @@ class LocMoERouter(PolicyRouter):
         from megatron.core import parallel_state
 
         from megatron_moe_ext.config import MoEExtConfig
-        from megatron_moe_ext.routing.locality import grap_gate_weight, node_local_expert_mask
+        from megatron_moe_ext.routing.locality import (
+            grap_gate_weight,
+            localized_distribution,
+            node_local_expert_mask,
+        )
 
         self.ext_cfg = ext_cfg or MoEExtConfig(router_policy="locmoe")
         E = config.num_moe_experts
@@ -281,6 +289,9 @@ class LocMoERouter(PolicyRouter):
         self.register_buffer("locality_mask", node_local_expert_mask(E, ep_size, ep_rank, ep_rpn).to(
             self.weight.device), persistent=False)
         self.locality_kl_sum = torch.zeros(2, dtype=torch.float64, device=self.weight.device)
+        # log D_l, fixed by the placement: computed once, so the loss needs no host sync per step
+        # (a plain attribute: Megatron's Float16Module would cast a buffer to bf16)
+        self._log_d_l = torch.log(localized_distribution(self.locality_mask.cpu(), self.ext_cfg.locmoe_eps))
         # capacity lower bound (--moe-locmoe-capacity bound): EMA of the angle statistic delta,
         # and [sum of applied factors, count, clamped count] for logging
         self.register_buffer("locmoe_delta", torch.zeros(1, dtype=torch.float64), persistent=False)
@@ -342,25 +353,30 @@ class LocMoERouter(PolicyRouter):
         bias = self.ext_cfg.locmoe_local_bias
         return scores + bias * self.locality_mask.to(scores.dtype) if bias else scores
 
-    def extra_losses(self, probs, logits, padding_mask):
-        from megatron_moe_ext.routing.locality import locality_loss
+    def extra_losses(self, probs, logits, padding_mask, scores_for_aux=None):
+        from megatron_moe_ext.routing.locality import locality_kl
 
         mu = self.ext_cfg.locmoe_mu
         if not mu:
             return probs
-        if self.score_function == "softmax":
+        if scores_for_aux is not None:
+            scores = scores_for_aux  # Megatron's balance-loss scores: the same function, computed once
+        elif self.score_function == "softmax":
             scores = torch.softmax(logits.float(), dim=-1)
         else:  # the same normalized scores Megatron's balance loss uses
             scores = torch.sigmoid(logits.float())
             scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
         valid = None if padding_mask is None else ~padding_mask
-        kl = locality_loss(scores, self.locality_mask, eps=self.ext_cfg.locmoe_eps, valid=valid)
+        if self._log_d_l.device != scores.device:
+            self._log_d_l = self._log_d_l.to(scores.device)
+        kl = locality_kl(scores, self._log_d_l, valid=valid)
         with torch.no_grad():
             # The router is built on the CPU and moved by Megatron's model.cuda(), which does not
             # move plain attributes: follow the loss's device (a buffer would be cast to bf16).
             if self.locality_kl_sum.device != kl.device:
                 self.locality_kl_sum = self.locality_kl_sum.to(kl.device)
-            self.locality_kl_sum += torch.stack([kl.detach().double(), kl.new_ones(()).double()])
+            self.locality_kl_sum[0] += kl.detach()
+            self.locality_kl_sum[1] += 1
         return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
                                                        self.tp_cp_group)
 
