@@ -4,7 +4,8 @@ and the plugin's routers' cost.
     python benchmarks/moe_layer.py --json $OUT/moe_layer.json
 
 For each shape (8192 tokens, EP=1, BF16 parameters) it builds Megatron's MoELayer (alltoall
-dispatcher; permute and router fusion on where Transformer Engine is installed) and times fwd+bwd
+dispatcher; permute and router fusion on where Transformer Engine is installed, Megatron's fused
+weighted SwiGLU for the SwiGLU shapes) and times fwd+bwd
 with CUDA events: warm-up, then the median of --iters steps, inputs rotating through a pool of
 fresh random tensors. Rows:
   stock sequential     Megatron's SequentialMLP experts (the no-TE path)
@@ -74,7 +75,7 @@ def config(shape, fp8_recipe=None, fused=None, padding=False):
         moe_aux_loss_coeff=1e-2, moe_router_dtype="fp32", gated_linear_unit=shape["glu"],
         activation_func=torch.nn.functional.silu if shape["glu"] else torch.nn.functional.gelu,
         add_bias_linear=False, bf16=True, params_dtype=torch.bfloat16, gradient_accumulation_fusion=False,
-        bias_activation_fusion=False, moe_permute_fusion=fused, moe_router_fusion=fused)
+        bias_activation_fusion=shape["glu"], moe_permute_fusion=fused, moe_router_fusion=fused)
 
 
 def build(shape, experts: str, router=None, fused=None):
