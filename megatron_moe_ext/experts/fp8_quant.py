@@ -24,11 +24,7 @@ import torch
 E4M3_MAX = 448.0
 AMAX_EPS = 1e-12
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - torch's CUDA wheels ship Triton
-    triton = None
+from megatron_moe_ext.experts.triton_support import tl, triton, use_triton
 
 
 def quantize_rows_reference(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -55,15 +51,6 @@ def _inverse_and_scale(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     not reproduce bit for bit."""
     e4m3_max = torch.full_like(amax, E4M3_MAX)
     return e4m3_max / amax, amax / e4m3_max
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """The fused kernels run on CUDA tensors (and on CPU under TRITON_INTERPRET=1, for tests)."""
-    import os
-
-    if triton is None:
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def quantize_rows(t: torch.Tensor, out_dtype=torch.float8_e4m3fn) -> Tuple[torch.Tensor, torch.Tensor]:

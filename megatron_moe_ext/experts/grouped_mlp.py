@@ -17,6 +17,9 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_moe_ext.experts.triton_support import use_triton
+from megatron_moe_ext.experts.swiglu import weighted_swiglu
+
 
 class _Stacked(torch.nn.Module):
     """Holds `weight` [E_local, out, in], named like the linear it replaces. Its (empty) extra
@@ -97,7 +100,9 @@ class TorchGroupedMLP(MegatronModule):
             probs = torch.ones_like(probs)
         offs = torch.cumsum(tokens_per_expert.to(device=tokens.device), 0).to(torch.int32)
         fc1_out = self.grouped_mm(tokens, self.linear_fc1.weight, offs)
-        if self._fused_swiglu():
+        if self._plain_swiglu() and use_triton(fc1_out):
+            hidden = weighted_swiglu(fc1_out, probs)  # one fused pass each way (swiglu.py)
+        elif self._plain_swiglu() and self.config.bias_activation_fusion:
             from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 
             # Megatron's fused SwiGLU x probs (--bias-swiglu-fusion), as its MLP and TEGroupedMLP use
@@ -108,10 +113,10 @@ class TorchGroupedMLP(MegatronModule):
             hidden = (hidden * probs.unsqueeze(-1)).to(hidden.dtype)
         return self.grouped_mm(hidden, self.linear_fc2.weight, offs), None
 
-    def _fused_swiglu(self) -> bool:
+    def _plain_swiglu(self) -> bool:
+        """SwiGLU without Megatron's clamp or linear offset: what the fused paths compute."""
         cfg = self.config
-        return bool(cfg.bias_activation_fusion and cfg.gated_linear_unit
-                    and cfg.activation_func is torch.nn.functional.silu
+        return bool(cfg.gated_linear_unit and cfg.activation_func is torch.nn.functional.silu
                     and cfg.activation_func_clamp_value is None and not cfg.glu_linear_offset)
 
     # -- distributed checkpoints: SequentialMLP's keys ----------------------------------------

@@ -288,7 +288,7 @@ class LocMoERouter(PolicyRouter):
         ep_rpn = max(1, self.ext_cfg.resolved_ranks_per_node(world) // max(1, tp))
         self.register_buffer("locality_mask", node_local_expert_mask(E, ep_size, ep_rank, ep_rpn).to(
             self.weight.device), persistent=False)
-        self.locality_kl_sum = torch.zeros(2, dtype=torch.float64, device=self.weight.device)
+        self.locality_kl_sum = torch.zeros(2, dtype=torch.float32, device=self.weight.device)
         # log D_l, fixed by the placement: computed once, so the loss needs no host sync per step
         # (a plain attribute: Megatron's Float16Module would cast a buffer to bf16)
         self._log_d_l = torch.log(localized_distribution(self.locality_mask.cpu(), self.ext_cfg.locmoe_eps))
@@ -367,8 +367,8 @@ class LocMoERouter(PolicyRouter):
             scores = torch.sigmoid(logits.float())
             scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
         valid = None if padding_mask is None else ~padding_mask
-        if self._log_d_l.device != scores.device:
-            self._log_d_l = self._log_d_l.to(scores.device)
+        if self._log_d_l.device != scores.device or self._log_d_l.dtype != scores.dtype:
+            self._log_d_l = self._log_d_l.to(device=scores.device, dtype=scores.dtype)
         kl = locality_kl(scores, self._log_d_l, valid=valid)
         with torch.no_grad():
             # The router is built on the CPU and moved by Megatron's model.cuda(), which does not

@@ -53,21 +53,22 @@ def locality_loss(probs: torch.Tensor, local_mask: torch.Tensor, *, eps: float =
         valid: optional BoolTensor[T], tokens that count (padding excluded).
     Returns: scalar tensor in probs' dtype promoted to float32 or higher.
     """
-    return locality_kl(probs, torch.log(localized_distribution(local_mask.cpu(), eps)), valid=valid)
+    p = probs.float() if probs.dtype in (torch.float16, torch.bfloat16) else probs
+    log_d_l = torch.log(localized_distribution(local_mask.cpu(), eps)).to(device=p.device, dtype=p.dtype)
+    return locality_kl(p / p.sum(-1, keepdim=True), log_d_l, valid=valid)
 
 
 def locality_kl(probs: torch.Tensor, log_d_l: torch.Tensor,
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`locality_loss` with log D_l [E] computed once by the caller (the router's hot path: no
-    host synchronization, no boolean indexing). Shapes and result as `locality_loss`."""
+    """`locality_loss` with log D_l [E] computed once by the caller, in probs' float dtype and on
+    its device (the router's hot path: no host synchronization, no boolean indexing, few ops).
+    Rows of probs sum to 1 (softmax or normalized scores), so their mean D_c does too."""
     p = probs.float() if probs.dtype in (torch.float16, torch.bfloat16) else probs
     if valid is None:
         d_c = p.mean(0)
     else:
         w = valid.to(p.dtype).unsqueeze(-1)
         d_c = (p * w).sum(0) / w.sum().clamp_min(1.0)
-    d_c = d_c / d_c.sum().clamp_min(1e-12)
-    log_d_l = log_d_l.to(device=p.device, dtype=p.dtype)
     return (d_c * (torch.log(d_c.clamp_min(1e-12)) - log_d_l)).sum()
 
 

@@ -1,6 +1,7 @@
-"""The FP8 pieces of the torch expert backend on the GPU: checks, then timings.
+"""The torch expert backend's own kernels on the GPU (FP8 quantizers, FP8 grouped GEMM, weighted
+SwiGLU): checks, then timings.
 
-    cd benchmarks; python fp8_kernels_gpu.py --json $OUT/fp8_kernels.json
+    cd benchmarks; python expert_kernels_gpu.py --json $OUT/expert_kernels.json
 
 Checks (fresh random inputs; exits non-zero if one fails):
   - the Triton quantizers equal the plain-torch references bit for bit (same float32 product,
@@ -8,7 +9,10 @@ Checks (fresh random inputs; exits non-zero if one fails):
   - the FP8 grouped GEMM (torch._scaled_grouped_mm) forward and dgrad equal the float32
     emulation of the same quantized operands to 1e-2 of the output's max (the kernel accumulates
     in float32 in another order and rounds its output to BF16: 2^-8 relative).
-Timings (CUDA events, median): each quantizer fused vs eager on the MoE benchmark's shapes.
+  - the weighted SwiGLU kernels (forward, d_fc1, d_probs) against float64 autograd: float32
+    inputs within 1e-5 of the max; bf16 inputs within 1e-2 (one bf16 rounding of each output).
+Timings (CUDA events, median): each quantizer fused vs eager, the SwiGLU kernels vs Megatron's
+weighted_bias_swiglu_impl, on the MoE benchmark's shapes.
 """
 
 from __future__ import annotations
@@ -65,6 +69,34 @@ def main() -> None:
     for i, name in enumerate(("forward", "dgrad")):
         rel = ((outs[0][i] - outs[1][i]).abs().max() / outs[1][i].abs().max()).item()
         check(f"scaled_grouped_mm {name} vs emulation", rel < 1e-2, f"rel err {rel:.2e}", results)
+
+    from megatron_moe_ext.experts.swiglu import weighted_swiglu
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        x = (torch.randn(3000, 2 * 1408, device=dev) * 2).to(dtype).requires_grad_(True)
+        pr = torch.rand(3000, device=dev, requires_grad=True)
+        dy = torch.randn(3000, 1408, device=dev).to(dtype)
+        y = weighted_swiglu(x, pr)
+        y.backward(dy)
+        xr, prr = x.detach().double().requires_grad_(True), pr.detach().double().requires_grad_(True)
+        g_, u_ = xr.chunk(2, dim=-1)
+        yr = torch.nn.functional.silu(g_) * u_ * prr.unsqueeze(-1)
+        yr.backward(dy.double())
+        rels = [((a.double() - b).abs().max() / b.abs().max()).item()
+                for a, b in ((y, yr), (x.grad, xr.grad), (pr.grad, prr.grad))]
+        check(f"weighted swiglu {dtype}", max(rels) < tol, "rel err out/d_fc1/d_probs " +
+              "/".join(f"{r:.1e}" for r in rels), results)
+
+    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+    for t_rows, f in ((16384, 14336), (65536, 768)):
+        x = torch.randn(t_rows, 2 * f, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        pr = torch.rand(t_rows, device=dev, requires_grad=True)
+        dy = torch.randn(t_rows, f, device=dev, dtype=torch.bfloat16)
+        for label, fn in (("triton", lambda: weighted_swiglu(x, pr)),
+                          ("megatron", lambda: weighted_bias_swiglu_impl(x, None, pr.unsqueeze(-1)))):
+            results["timings_ms"][f"swiglu fwd+bwd {t_rows}x{f} {label}"] = median_ms(
+                lambda i: fn().backward(dy), 10, 3)
 
     shapes = {"act 65536x2048": (65536, 2048), "act 16384x14336": (16384, 14336)}
     for label, shape in shapes.items():
