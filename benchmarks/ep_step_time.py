@@ -1,18 +1,20 @@
 """End-to-end training step time with expert parallelism: stock Megatron against the plugin.
 
-    python benchmarks/ep_step_time.py --nproc 2 --out $OUT [--group a|b|all] [--rows NAME,...]
+    python benchmarks/ep_step_time.py --nproc 2 --out $OUT [--group a|b|f|all] [--rows NAME,...]
 
 Each row is one `torchrun -m megatron_moe_ext.training.pretrain_gpt` run of the same GPT-MoE on
 mock data (EP = --nproc, DP = --nproc, TP = PP = 1, BF16, several micro-batches per step) with
-`--log-interval 1`. Step time is the median of Megatron's per-iteration elapsed times over the
+`--log-interval 1`. All rows use the expert backend --experts (default torch) except the
+`te experts` rows (stock Megatron's TEGroupedMLP), so that the rows differ in routing, dispatch and
+overlap only. Step time is the median of Megatron's per-iteration elapsed times over the
 iterations after --warmup and before the profiled ones; the last --profile-steps iterations run under
 `torch.profiler` (Megatron's `--profile --use-pytorch-profiler`), and trace_overlap.py reads the
 all-to-all kernel time per step and the fraction of it that overlapped compute from every rank's
 trace. Rows per token come from the plugin's dispatch metrics (`--moe-ext-run-log`).
 
-Group a (every layer MoE, top-4 of 64): stock alltoall; stock with
---overlap-moe-expert-parallel-comm --delay-wgrad-compute; C2R + dedup; LocMoE with ranks per node =
-half the GPUs; FP8 rows. Group b (shared expert + top-3, the ScMoE comparison): stock; stock with
+Group a (every layer MoE, top-4 of 64): stock alltoall (also with TE's experts); stock with
+--overlap-moe-expert-parallel-comm (+ --delay-wgrad-compute with TE experts); C2R + dedup; LocMoE
+with ranks per node = half the GPUs. Group f: FP8 (tensorwise) rows. Group b (shared expert + top-3, the ScMoE comparison): stock; stock with
 --moe-shared-expert-overlap; stock with the EP all-to-all overlap; ScMoE pos1; ScMoE pos1 + C2R +
 dedup. Rows needing Transformer Engine or CUDA are skipped (and say so) where either is missing;
 a row that fails is recorded with its log tail and the rest go on.
@@ -64,33 +66,32 @@ def model_flags(args) -> List[str]:
 
 
 TE_FUSIONS = ["--moe-permute-fusion", "--moe-router-fusion"]
-A2A_OVERLAP = ["--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute"]
+A2A_OVERLAP = ["--overlap-moe-expert-parallel-comm"]
 C2R_DEDUP = ["--moe-router-policy", "c2r", "--moe-dedup-dispatch"]
 FP8 = ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]
+TOP4 = ["--moe-router-topk", "4"]
+SHARED = ["--moe-router-topk", "3", "--moe-shared-expert-intermediate-size", "FFN", "--moe-shared-expert-gate"]
 
-
-def shared(topk: int = 3) -> List[str]:
-    return ["--moe-router-topk", str(topk), "--moe-shared-expert-intermediate-size", "SHARED",
-            "--moe-shared-expert-gate"]
-
-
-# name -> (group, flags, needs): needs is a subset of {"te", "cuda"}
+# name -> (group, flags, needs): needs is a subset of {"te", "cuda"}. Every row's experts are
+# --experts (default torch, the fastest at this shape, so that the rows differ in routing, dispatch
+# and overlap only) except the `te experts` rows, which are stock Megatron's TEGroupedMLP.
 ROWS: Dict[str, tuple] = {
-    "stock": ("a", ["--moe-router-topk", "4"] + TE_FUSIONS, {"te"}),
-    "stock +a2a overlap": ("a", ["--moe-router-topk", "4"] + TE_FUSIONS + A2A_OVERLAP, {"te", "cuda"}),
-    "c2r +dedup": ("a", ["--moe-router-topk", "4"] + TE_FUSIONS + C2R_DEDUP, {"te"}),
-    "locmoe rpn=half": ("a", ["--moe-router-topk", "4"] + TE_FUSIONS + ["--moe-router-policy", "locmoe",
-                                                                        "--moe-ranks-per-node", "HALF"], {"te"}),
-    "c2r +dedup torch experts": ("a", ["--moe-router-topk", "4"] + TE_FUSIONS + C2R_DEDUP
-                                 + ["--moe-expert-backend", "torch"], set()),
-    "stock fp8": ("a", ["--moe-router-topk", "4"] + TE_FUSIONS + FP8, {"te", "cuda"}),
-    "c2r +dedup fp8": ("a", ["--moe-router-topk", "4"] + TE_FUSIONS + C2R_DEDUP + FP8, {"te", "cuda"}),
-    "shared stock": ("b", shared() + TE_FUSIONS, {"te"}),
-    "shared stock +shared overlap": ("b", shared() + TE_FUSIONS + ["--moe-shared-expert-overlap"], {"te", "cuda"}),
-    "shared stock +a2a overlap": ("b", shared() + TE_FUSIONS + A2A_OVERLAP, {"te", "cuda"}),
-    "scmoe pos1": ("b", shared() + TE_FUSIONS + ["--moe-scmoe", "pos1"], {"te"}),
-    "scmoe pos1 +c2r +dedup": ("b", shared() + TE_FUSIONS + ["--moe-scmoe", "pos1"] + C2R_DEDUP, {"te"}),
+    "stock te experts": ("a", TOP4 + TE_FUSIONS + ["--moe-expert-backend", "te"], {"te"}),
+    "stock": ("a", TOP4 + TE_FUSIONS, {"te"}),
+    "stock +a2a overlap": ("a", TOP4 + TE_FUSIONS + A2A_OVERLAP, {"te", "cuda"}),
+    "c2r +dedup": ("a", TOP4 + TE_FUSIONS + C2R_DEDUP, {"te"}),
+    "locmoe rpn=half": ("a", TOP4 + TE_FUSIONS + ["--moe-router-policy", "locmoe", "--moe-ranks-per-node",
+                                                  "HALF"], {"te"}),
+    "stock te experts fp8": ("f", TOP4 + TE_FUSIONS + FP8 + ["--moe-expert-backend", "te"], {"te", "cuda"}),
+    "stock fp8": ("f", TOP4 + TE_FUSIONS + FP8, {"te", "cuda"}),
+    "c2r +dedup fp8": ("f", TOP4 + TE_FUSIONS + C2R_DEDUP + FP8, {"te", "cuda"}),
+    "shared stock": ("b", SHARED + TE_FUSIONS, {"te"}),
+    "shared stock +shared overlap": ("b", SHARED + TE_FUSIONS + ["--moe-shared-expert-overlap"], {"te", "cuda"}),
+    "shared stock +a2a overlap": ("b", SHARED + TE_FUSIONS + A2A_OVERLAP, {"te", "cuda"}),
+    "scmoe pos1": ("b", SHARED + TE_FUSIONS + ["--moe-scmoe", "pos1"], {"te"}),
+    "scmoe pos1 +c2r +dedup": ("b", SHARED + TE_FUSIONS + ["--moe-scmoe", "pos1"] + C2R_DEDUP, {"te"}),
 }
+BASELINE = {"a": "stock", "b": "shared stock", "f": "stock fp8"}
 
 
 def have(what: str) -> bool:
@@ -105,11 +106,15 @@ def have(what: str) -> bool:
 
 
 def row_flags(name: str, args) -> List[str]:
-    flags = ROWS[name][1]
-    if args.cpu:   # the CPU compatibility layer runs without TE's fusions
+    flags = list(ROWS[name][1])
+    if "--moe-expert-backend" not in flags:
+        flags = flags + ["--moe-expert-backend", args.experts]
+        if args.experts == "te" and "--overlap-moe-expert-parallel-comm" in flags:
+            flags = flags + ["--delay-wgrad-compute"]   # with TE's experts, the strongest setting
+    if args.cpu:   # the CPU compatibility layer runs Megatron's local layers, without TE
         flags = [f for f in flags if f not in TE_FUSIONS]
     ffn = "32" if args.tiny else "1024"
-    return [{"SHARED": ffn, "HALF": str(max(1, args.nproc // 2))}.get(f, f) for f in flags]
+    return [{"FFN": ffn, "HALF": str(max(1, args.nproc // 2))}.get(f, f) for f in flags]
 
 
 def parse_step_times(log: str) -> Dict[int, float]:
@@ -119,8 +124,8 @@ def parse_step_times(log: str) -> Dict[int, float]:
 def run_row(name: str, args, workdir: str) -> dict:
     rundir = os.path.join(workdir, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"))
     os.makedirs(rundir, exist_ok=True)
-    iters = args.warmup + args.timed + args.profile_steps + 1
-    prof_start = args.warmup + args.timed + 2
+    prof_start = args.warmup + args.timed + 2   # the profiler's warm-up step is not timed either
+    iters = prof_start + args.profile_steps
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
            "--master-port", str(args.port), "-m", "megatron_moe_ext.training.pretrain_gpt",
            *model_flags(args), *row_flags(name, args), "--train-iters", str(iters),
@@ -143,10 +148,11 @@ def run_row(name: str, args, workdir: str) -> dict:
         f.write(" ".join(cmd) + "\n\n" + log)
     times = parse_step_times(log)
     timed = [t for it, t in times.items() if args.warmup < it <= args.warmup + args.timed]
-    row = {"row": name, "rc": rc, "wall_s": round(wall, 1), "command": " ".join(cmd[1:]),
+    # TE + NCCL sometimes abort at interpreter exit, after the last iteration was logged.
+    row = {"row": name, "rc": rc, "completed": "after training is done" in log, "wall_s": round(wall, 1), "command": " ".join(cmd[1:]),
            "iterations_timed": len(timed), "step_ms": statistics.median(timed) if timed else None,
            "step_ms_min": min(timed) if timed else None}
-    if rc != 0:
+    if rc != 0 and not row["completed"]:
         row["log_tail"] = log[-3000:]
     traces = sorted(glob.glob(os.path.join(rundir, "torch_profile", "rank-*.json.gz")))
     if traces:
@@ -156,6 +162,7 @@ def run_row(name: str, args, workdir: str) -> dict:
         row["hidden_fraction"] = statistics.mean(r.hidden_fraction for r in per_rank)
         row["other_comm_ms_per_step"] = statistics.mean(r.other_comm_ms for r in per_rank) / n
         row["a2a_kernels_per_step"] = statistics.mean(r.all_to_all_kernels for r in per_rank) / n
+        row["gpu_busy_ms_per_step"] = statistics.mean(r.busy_ms for r in per_rank) / n
     try:
         last = [json.loads(line) for line in open(os.path.join(rundir, "run.jsonl"))][-1]
         row["metrics"] = {k: v for k, v in last.items()
@@ -167,16 +174,19 @@ def run_row(name: str, args, workdir: str) -> dict:
 
 def table(rows: List[dict]) -> str:
     base = {}
-    out = ["| row | step ms | vs stock | a2a ms/step | hidden | rc |", "|---|---|---|---|---|---|"]
+    out = ["| row | step ms | vs stock | a2a ms/step | hidden | GPU busy ms/step | rc |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         group = ROWS[r["row"]][0]
-        if r["row"] in ("stock", "shared stock") and r.get("step_ms"):
+        if r["row"] == BASELINE[group] and r.get("step_ms"):
             base[group] = r["step_ms"]
         sp = (f"{base[group] / r['step_ms']:.3f}x" if r.get("step_ms") and group in base else "")
         a2a = f"{r['all_to_all_ms_per_step']:.2f}" if "all_to_all_ms_per_step" in r else ""
         hid = f"{100 * r['hidden_fraction']:.0f}%" if "hidden_fraction" in r else ""
         ms = f"{r['step_ms']:.1f}" if r.get("step_ms") else "-"
-        out.append(f"| {r['row']} | {ms} | {sp} | {a2a} | {hid} | {r['rc']} |")
+        busy = f"{r['gpu_busy_ms_per_step']:.0f}" if "gpu_busy_ms_per_step" in r else ""
+        rc = "ok" if r.get("completed") else r["rc"]
+        out.append(f"| {r['row']} | {ms} | {sp} | {a2a} | {hid} | {busy} | {rc} |")
     return "\n".join(out)
 
 
@@ -184,12 +194,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--out", default="runs/ep_step_time")
-    ap.add_argument("--group", choices=("a", "b", "all"), default="all")
+    ap.add_argument("--group", choices=("a", "b", "f", "all"), default="all",
+                    help="a: every-layer MoE top-4; b: shared expert + top-3 (ScMoE); f: FP8")
+    ap.add_argument("--experts", choices=("torch", "te"), default="torch",
+                    help="expert backend of every row not named `te experts`")
     ap.add_argument("--rows", default=None, help="comma-separated row names (default: the group's)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--microbatches", type=int, default=4, help="micro-batches per DP rank per step")
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--timed", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--timed", type=int, default=12)
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--max-connections", type=int, default=32,
                     help="CUDA_DEVICE_MAX_CONNECTIONS for every row (TP = 1, so Megatron's "
@@ -211,7 +224,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in names:
         needs = ROWS[name][2]
         # On CPU the rows run on Megatron's local layers; only the CUDA-only features are skipped.
-        missing = (["cuda"] if "cuda" in needs else []) if args.cpu else [w for w in sorted(needs) if not have(w)]
+        if args.cpu:
+            missing = (["cuda"] if "cuda" in needs else []) + (["te"] if "te experts" in name else [])
+        else:
+            missing = [w for w in sorted(needs) if not have(w)]
         if missing:
             rows.append({"row": name, "rc": f"skipped (needs {', '.join(missing)})"})
             print(f"[ep_step_time] {name}: skipped, needs {', '.join(missing)}", flush=True)

@@ -60,6 +60,7 @@ class CommOverlap:
     hidden_ms: float          # of which some compute kernel ran at the same time
     other_comm_ms: float      # other NCCL kernels (gradient reduce-scatter/all-reduce, all-gathers)
     compute_ms: float         # union of non-NCCL kernel time
+    busy_ms: float            # union of all kernel time (GPU busy with anything)
     all_to_all_kernels: int
 
     @property
@@ -75,12 +76,14 @@ def comm_overlap(events: Iterable[dict]) -> CommOverlap:
     a2a: List[Interval] = []
     other_comm = 0.0
     compute: List[Interval] = []
+    everything: List[Interval] = []
     for ev in events:
         if ev.get("ph") != "X" or ev.get("cat") != "kernel":
             continue
         s = float(ev["ts"])
         iv = (s, s + float(ev.get("dur", 0.0)))
         name = ev.get("name", "")
+        everything.append(iv)
         if is_all_to_all(name):
             a2a.append(iv)
         elif is_nccl(name):
@@ -91,7 +94,8 @@ def comm_overlap(events: Iterable[dict]) -> CommOverlap:
     hidden = sum(covered(iv, union) for iv in a2a)
     return CommOverlap(all_to_all_ms=sum(e - s for s, e in a2a) / 1e3, hidden_ms=hidden / 1e3,
                        other_comm_ms=other_comm / 1e3,
-                       compute_ms=sum(e - s for s, e in union) / 1e3, all_to_all_kernels=len(a2a))
+                       compute_ms=sum(e - s for s, e in union) / 1e3,
+                       busy_ms=sum(e - s for s, e in merge(everything)) / 1e3, all_to_all_kernels=len(a2a))
 
 
 def load_trace_events(path: str) -> List[dict]:

@@ -253,6 +253,10 @@ class MoEExtConfig:
             if get("expert_tensor_parallel_size") not in (None, 1):
                 raise MoEExtConfigError(f"{flag} does not shard experts over tensor-parallel ranks; "
                                         "set --expert-tensor-parallel-size 1.")
+            if get("delay_wgrad_compute"):
+                raise MoEExtConfigError(f"{flag} computes its weight gradients inside its backward, "
+                                        "while --delay-wgrad-compute defers Transformer Engine's; drop "
+                                        "--delay-wgrad-compute or use --moe-expert-backend te.")
 
     def _validate_scmoe(self, a: object, num_experts: Optional[int], topk: int) -> None:
         """The Megatron settings ScMoE/DGMoE layers need, checked before anything is built."""

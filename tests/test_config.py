@@ -53,6 +53,7 @@ def test_defaults_round_trip_from_flags():
     (["--moe-ranks-per-node", "0"], {}, "--moe-ranks-per-node"),
     (["--moe-ranks-per-node", "3"], {"expert_model_parallel_size": 4}, "--moe-ranks-per-node"),
     (["--moe-ext-metrics-bytes-per-element", "3"], {}, "--moe-ext-metrics-bytes-per-element"),
+    (["--moe-expert-backend", "torch"], {"delay_wgrad_compute": True}, "--delay-wgrad-compute"),
     (["--routing-trace-interval", "5"], {}, "--save-routing-trace"),
     (["--routing-trace-interval", "-1", "--save-routing-trace", "d"], {}, "--routing-trace-interval"),
 ])

@@ -31,6 +31,7 @@ def test_hand_computed_case():
     assert r.hidden_fraction == 0.5
     assert r.other_comm_ms == 30e-3
     assert r.compute_ms == 50e-3                # union 80..130
+    assert r.busy_ms == 50e-3 + 20e-3 + 10e-3 + 30e-3   # 80..150, 300..310, 400..430
 
 
 def test_against_a_per_microsecond_reference():

@@ -113,6 +113,10 @@ class TorchGroupedMLP(MegatronModule):
             hidden = (hidden * probs.unsqueeze(-1)).to(hidden.dtype)
         return self.grouped_mm(hidden, self.linear_fc2.weight, offs), None
 
+    def backward_dw(self) -> None:
+        """Megatron's EP all-to-all overlap schedule calls this for delayed weight gradients; this
+        module computes them in its backward (--delay-wgrad-compute is refused at parse time)."""
+
     def _plain_swiglu(self) -> bool:
         """SwiGLU without Megatron's clamp or linear offset: what the fused paths compute."""
         cfg = self.config
