@@ -11,6 +11,6 @@ done
 .venv/bin/megatron-moe-ext quickstart --output-dir runs/study/locmoe_plus --train-iters 500 --router-policy locmoe-plus --extra --moe-expert-capacity-factor 1.0 --moe-locmoe-plus-reestimate-interval 50 --moe-ranks-per-node 1 > runs/study/locmoe_plus.out 2>&1
 
 # Node-local selection bias (beyond the paper): the router knows its node, the loss alone cannot use it.
-for b in 0.05 0.2 1.0; do
+for b in 0.05 0.2 0.4 0.6 1.0; do
   run locmoe_bias$b --router-policy locmoe --extra --moe-locmoe-local-bias $b --moe-ranks-per-node 1
 done
