@@ -231,11 +231,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if missing:
             rows.append({"row": name, "rc": f"skipped (needs {', '.join(missing)})"})
             print(f"[ep_step_time] {name}: skipped, needs {', '.join(missing)}", flush=True)
-            continue
-        print(f"[ep_step_time] {name} ...", flush=True)
-        rows.append(run_row(name, args, workdir))
-        r = rows[-1]
-        print(f"[ep_step_time] {name}: rc={r['rc']} step={r.get('step_ms')} ms wall={r['wall_s']} s", flush=True)
+        else:
+            print(f"[ep_step_time] {name} ...", flush=True)
+            rows.append(run_row(name, args, workdir))
+            r = rows[-1]
+            print(f"[ep_step_time] {name}: rc={r['rc']} step={r.get('step_ms')} ms wall={r['wall_s']} s",
+                  flush=True)
         with open(os.path.join(args.out, "ep_step_time.json"), "w") as f:
             json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
     with tarfile.open(os.path.join(args.out, "ep_logs.tar.gz"), "w:gz") as tar:
