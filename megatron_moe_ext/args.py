@@ -40,6 +40,7 @@ _ATTR_FOR_FIELD = {
     "locmoe_gate": "moe_locmoe_gate",
     "locmoe_capacity": "moe_locmoe_capacity",
     "locmoe_local_bias": "moe_locmoe_local_bias",
+    "locmoe_local_bias_warmup_steps": "moe_locmoe_local_bias_warmup_steps",
     "locmoe_plus_tau": "moe_locmoe_plus_tau",
     "locmoe_plus_reestimate_interval": "moe_locmoe_plus_reestimate_interval",
     "routing_trace_interval": "routing_trace_interval",
@@ -94,6 +95,8 @@ def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--moe-locmoe-local-bias", type=float, default=0.0, metavar="B",
                    help="LocMoE: add B to the selection scores of experts on the token's own node "
                         "(selection only; beyond the paper).")
+    g.add_argument("--moe-locmoe-local-bias-warmup-steps", type=int, default=0, metavar="W",
+                   help="LocMoE: no local bias for the first W training iterations, then B.")
     g.add_argument("--moe-locmoe-capacity", choices=("off", "bound"), default="off",
                    help="LocMoE: expert capacity from the paper's lower bound (estimated each step), "
                         "clamped to --moe-expert-capacity-factor.")

@@ -86,6 +86,10 @@ class MoEExtConfig:
     """--moe-locmoe-local-bias B: add B to the selection scores of experts on the token's own
     node (selection only; an extension beyond the paper, see docs/locmoe.md)."""
 
+    locmoe_local_bias_warmup_steps: int = 0
+    """--moe-locmoe-local-bias-warmup-steps W: route without the local bias for the first W
+    training iterations (the experts first learn from all tokens, as C2R's warm-up)."""
+
     locmoe_capacity: str = "off"
     """--moe-locmoe-capacity {off,bound}: use LocMoE's capacity lower bound as the expert
     capacity, clamped to --moe-expert-capacity-factor."""
@@ -159,12 +163,19 @@ class MoEExtConfig:
                                     ("--moe-locmoe-eps", self.locmoe_eps != 1e-3),
                                     ("--moe-locmoe-gate", self.locmoe_gate != "learned"),
                                     ("--moe-locmoe-capacity", self.locmoe_capacity != "off"),
-                                    ("--moe-locmoe-local-bias", self.locmoe_local_bias != 0.0)) if v]
+                                    ("--moe-locmoe-local-bias", self.locmoe_local_bias != 0.0),
+                                    ("--moe-locmoe-local-bias-warmup-steps",
+                                     self.locmoe_local_bias_warmup_steps != 0)) if v]
         if loc_flags and self.router_policy not in ("locmoe", "locmoe-plus"):
             raise MoEExtConfigError(f"{loc_flags[0]} applies to the LocMoE routers only; add "
                                     "--moe-router-policy locmoe or drop the flag.")
         if self.locmoe_local_bias < 0:
             raise MoEExtConfigError("--moe-locmoe-local-bias must be >= 0 (it favours local experts).")
+        if self.locmoe_local_bias_warmup_steps < 0:
+            raise MoEExtConfigError("--moe-locmoe-local-bias-warmup-steps must be >= 0.")
+        if self.locmoe_local_bias_warmup_steps and not self.locmoe_local_bias:
+            raise MoEExtConfigError("--moe-locmoe-local-bias-warmup-steps delays the local bias; add "
+                                    "--moe-locmoe-local-bias B or drop the flag.")
         if self.locmoe_mu < 0:
             raise MoEExtConfigError("--moe-locmoe-mu must be >= 0.")
         if not 0 < self.locmoe_eps < 1:

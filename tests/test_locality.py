@@ -259,3 +259,41 @@ def test_local_bias_moves_selection_to_local_experts_only(megatron_cpu, monkeypa
         idx = rmap[t].nonzero().flatten()
         torch.testing.assert_close(probs[t, idx].detach(), torch.softmax(lg[t, idx], 0))
     assert shares[0] < shares[1] < shares[2] == 1.0
+
+
+def test_local_bias_waits_for_its_warmup(megatron_cpu):
+    """--moe-locmoe-local-bias-warmup-steps W: unbiased top-k for W iterations (x micro-batches),
+    then the bias; the counter is checkpointed and evaluation forwards do not advance it."""
+    import functools
+
+    from megatron.core import num_microbatches_calculator as nmc
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+
+    from megatron_moe_ext.megatron.router import LocMoERouter
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2)
+    local = torch.tensor([True] * 4 + [False] * 4)
+    ext = MoEExtConfig(router_policy="locmoe", locmoe_local_bias=10.0, locmoe_local_bias_warmup_steps=2)
+    r = functools.partial(LocMoERouter, ext_cfg=ext)(config=cfg, pg_collection=get_default_pg_collection())
+    r.set_layer_number(1)
+    r.locality_mask.copy_(local)
+    x = torch.randn(256, 1, 16)
+    with torch.no_grad():
+        unbiased = torch.topk(r.gating(x.view(-1, 16)), 2, dim=1).indices.sort(1).values
+    # 3 micro-batches per iteration: global batch 6, micro-batch 1, data-parallel 2
+    nmc.init_num_microbatches_calculator(0, None, 6, 1, 2)
+    try:
+        r.eval()
+        with torch.no_grad():
+            r(x)
+        assert int(r.locmoe_bias_forwards) == 0
+        r.train()
+        for _ in range(2 * nmc.get_num_microbatches()):
+            _, rmap = r(x)
+            assert torch.equal(rmap.nonzero()[:, 1].view(-1, 2).sort(1).values, unbiased)
+        assert "locmoe_bias_forwards" in r.state_dict()
+        _, rmap = r(x)
+    finally:
+        nmc.destroy_num_microbatches_calculator()
+    assert rmap[:, ~local].sum() == 0 and rmap.sum() == 2 * 256   # bias 10: every pick local

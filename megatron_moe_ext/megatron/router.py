@@ -295,6 +295,9 @@ class LocMoERouter(PolicyRouter):
         # capacity lower bound (--moe-locmoe-capacity bound): EMA of the angle statistic delta,
         # and [sum of applied factors, count, clamped count] for logging
         self.register_buffer("locmoe_delta", torch.zeros(1, dtype=torch.float64), persistent=False)
+        # training forwards seen, for --moe-locmoe-local-bias-warmup-steps (checkpointed with it)
+        self.register_buffer("locmoe_bias_forwards", torch.zeros(1, dtype=torch.long, device=self.weight.device),
+                             persistent=self.ext_cfg.locmoe_local_bias_warmup_steps > 0)
         self.capacity_stats = torch.zeros(3, dtype=torch.float64)
         self._clamp_warned = False
         self._last_input = None
@@ -351,7 +354,21 @@ class LocMoERouter(PolicyRouter):
         docs/locmoe.md). Selection only: probabilities stay the unbiased score function's."""
         scores = super().selection_scores(logits)
         bias = self.ext_cfg.locmoe_local_bias
-        return scores + bias * self.locality_mask.to(scores.dtype) if bias else scores
+        if not bias:
+            return scores
+        local = self.locality_mask.to(scores.dtype)
+        warmup = self.ext_cfg.locmoe_local_bias_warmup_steps
+        if warmup:
+            from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+            # a device-side switch: no host sync per step
+            local = local * (self.locmoe_bias_forwards >= warmup * get_num_microbatches()).to(scores.dtype)
+        return scores + bias * local
+
+    def observe_selection(self, indices: torch.Tensor) -> None:
+        super().observe_selection(indices)
+        if self.ext_cfg.locmoe_local_bias_warmup_steps:
+            self.locmoe_bias_forwards += 1
 
     def extra_losses(self, probs, logits, padding_mask, scores_for_aux=None):
         from megatron_moe_ext.routing.locality import locality_kl
