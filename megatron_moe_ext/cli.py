@@ -21,6 +21,7 @@ _VERB_MODULES = [
     "megatron_moe_ext.comm_volume",
     "megatron_moe_ext.c2r_workflow",
     "megatron_moe_ext.convert.apply_placement",
+    "megatron_moe_ext.plots",
 ]
 
 
