@@ -14,9 +14,9 @@ trace. Rows per token come from the plugin's dispatch metrics (`--moe-ext-run-lo
 
 Group a (every layer MoE, top-4 of 64): stock alltoall (also with TE's experts); stock with
 --overlap-moe-expert-parallel-comm (+ --delay-wgrad-compute with TE experts); C2R + dedup; LocMoE
-with ranks per node = half the GPUs. Group f: FP8 (tensorwise) rows. Group b (shared expert + top-3, the ScMoE comparison): stock; stock with
---moe-shared-expert-overlap; stock with the EP all-to-all overlap; ScMoE pos1; ScMoE pos1 + C2R +
-dedup. Rows needing Transformer Engine or CUDA are skipped (and say so) where either is missing;
+with ranks per node = half the GPUs. Group f: FP8 (tensorwise) rows. Group b (shared expert +
+top-3, the ScMoE comparison): stock; stock with --moe-shared-expert-overlap; stock with the EP
+all-to-all overlap; ScMoE pos1; ScMoE pos1 + C2R + dedup. Rows needing Transformer Engine or CUDA are skipped (and say so) where either is missing;
 a row that fails is recorded with its log tail and the rest go on.
 
 Prints a table, writes <out>/ep_step_time.json and <out>/ep_logs.tar.gz (every run's log).
