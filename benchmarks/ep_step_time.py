@@ -16,10 +16,12 @@ Group a (every layer MoE, top-4 of 64): stock alltoall (also with TE's experts);
 --overlap-moe-expert-parallel-comm (+ --delay-wgrad-compute with TE experts); C2R + dedup; LocMoE
 with ranks per node = half the GPUs. Group f: FP8 (tensorwise) rows. Group b (shared expert +
 top-3, the ScMoE comparison): stock; stock with --moe-shared-expert-overlap; stock with the EP
-all-to-all overlap; ScMoE pos1; ScMoE pos1 + C2R + dedup. Rows needing Transformer Engine or CUDA are skipped (and say so) where either is missing;
-a row that fails is recorded with its log tail and the rest go on.
+all-to-all overlap; ScMoE pos1; ScMoE pos1 + C2R + dedup. Rows needing Transformer Engine or
+CUDA are skipped (and say so) where either is missing; a row that fails is recorded with its log
+tail and the rest go on.
 
-Prints a table, writes <out>/ep_step_time.json and <out>/ep_logs.tar.gz (every run's log).
+Prints a table, writes <out>/ep_step_time.json and <out>/ep_logs.tar.gz (every run's log). The
+JSON's commands name the output folder "<out>", so that it holds no machine's paths.
 """
 
 from __future__ import annotations
@@ -141,16 +143,17 @@ def run_row(name: str, args, workdir: str) -> dict:
         p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            timeout=args.row_timeout)
         log, rc = p.stdout, p.returncode
-    except subprocess.TimeoutExpired as e:
-        log, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+    except subprocess.TimeoutExpired as e:   # its stdout can be bytes even with text=True
+        log, rc = e.stdout or "", "timeout"
+        log = log.decode() if isinstance(log, bytes) else log
     wall = time.time() - t0
     with open(os.path.join(rundir, "log.txt"), "w") as f:
         f.write(" ".join(cmd) + "\n\n" + log)
     times = parse_step_times(log)
     timed = [t for it, t in times.items() if args.warmup < it <= args.warmup + args.timed]
     # TE + NCCL sometimes abort at interpreter exit, after the last iteration was logged.
-    row = {"row": name, "rc": rc, "completed": "after training is done" in log, "wall_s": round(wall, 1), "command": " ".join(cmd[1:]),
-           "iterations_timed": len(timed), "step_ms": statistics.median(timed) if timed else None,
+    row = {"row": name, "rc": rc, "completed": "after training is done" in log, "wall_s": round(wall, 1),
+           "command": " ".join(cmd[1:]).replace(args.out, "<out>"), "iterations_timed": len(timed), "step_ms": statistics.median(timed) if timed else None,
            "step_ms_min": min(timed) if timed else None}
     if rc != 0 and not row["completed"]:
         row["log_tail"] = log[-3000:]
@@ -238,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"[ep_step_time] {name}: rc={r['rc']} step={r.get('step_ms')} ms wall={r['wall_s']} s",
                   flush=True)
         with open(os.path.join(args.out, "ep_step_time.json"), "w") as f:
-            json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"settings": {**vars(args), "out": "<out>"}, "rows": rows}, f, indent=1)
     with tarfile.open(os.path.join(args.out, "ep_logs.tar.gz"), "w:gz") as tar:
         for p in sorted(glob.glob(os.path.join(workdir, "*", "log.txt"))):
             tar.add(p, arcname=os.path.relpath(p, workdir))

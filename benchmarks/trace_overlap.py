@@ -21,7 +21,7 @@ A2A_MARKERS = ("SendRecv", "AllToAll", "Alltoall")
 
 
 def is_nccl(name: str) -> bool:
-    return name.startswith("nccl") or "nccl" in name.split("(")[0].lower()
+    return "nccl" in name.split("(")[0].lower()
 
 
 def is_all_to_all(name: str) -> bool:

@@ -307,14 +307,14 @@ def test_offline_locmoe_policy_picks_what_the_biased_router_picks(megatron_cpu):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
     from megatron_moe_ext.megatron.router import LocMoERouter
-    from megatron_moe_ext.routing.policies import PolicyContext, locmoe_policy, node_local_pairs
+    from megatron_moe_ext.routing.policies import PolicyContext, locmoe_policy
 
     cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2)
     ext = MoEExtConfig(router_policy="locmoe", locmoe_local_bias=0.3)
     r = functools.partial(LocMoERouter, ext_cfg=ext)(config=cfg, pg_collection=get_default_pg_collection())
     logits = torch.randn(512, 8)
     src = torch.cat([torch.zeros(256, dtype=torch.long), torch.ones(256, dtype=torch.long)])
-    pairs = node_local_pairs(8, 2, 1, src)         # EP 2, one rank per node: experts 0-3 | 4-7
+    pairs = node_local_expert_mask(8, 2, src, 1)   # EP 2, one rank per node: experts 0-3 | 4-7
     assert pairs[:256, :4].all() and not pairs[:256, 4:].any() and pairs[256:, 4:].all()
     offline = locmoe_policy(logits, 2, PolicyContext(8, 2, 1, src, options={"local_bias": 0.3}))
     for rank, rows in ((0, slice(0, 256)), (1, slice(256, 512))):

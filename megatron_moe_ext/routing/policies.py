@@ -59,14 +59,6 @@ def _locmoe_args(p: argparse.ArgumentParser) -> None:
                    help="locmoe: the run's --moe-locmoe-local-bias (traces hold the unbiased logits)")
 
 
-def node_local_pairs(num_experts: int, ep_size: int, ep_ranks_per_node: int,
-                     src_ep_rank: torch.Tensor) -> torch.Tensor:
-    """BoolTensor[T, E]: expert e lives on the node of token t's source rank (contiguous placement)."""
-    expert_node = torch.arange(num_experts, device=src_ep_rank.device) // (num_experts // ep_size) \
-        // ep_ranks_per_node
-    return expert_node.unsqueeze(0) == (src_ep_rank // ep_ranks_per_node).unsqueeze(1)
-
-
 @register_policy("locmoe", add_args=_locmoe_args,
                  help="LocMoE's selection: top-k of logits shaped by the locality loss, plus the "
                       "node-local bias with --local-bias (use it on a trace of a locmoe run)")
@@ -77,7 +69,10 @@ def locmoe_policy(logits: torch.Tensor, topk: int, ctx: PolicyContext) -> torch.
     bias = float(ctx.options.get("local_bias") or 0.0)
     if not bias:
         return topk_policy(logits, topk, ctx)
-    local = node_local_pairs(ctx.num_experts, ctx.ep_size, ctx.ep_ranks_per_node, ctx.src_ep_rank.to(logits.device))
+    from megatron_moe_ext.routing.locality import node_local_expert_mask
+
+    local = node_local_expert_mask(ctx.num_experts, ctx.ep_size, ctx.src_ep_rank.to(logits.device),
+                                   ctx.ep_ranks_per_node)                              # [T, E]
     return torch.topk(logits + bias * local.to(logits.dtype), topk, dim=1).indices
 
 
