@@ -230,11 +230,11 @@ def main() -> None:
     args = p.parse_args()
 
     init_single_gpu_megatron(port=29513)
-    from megatron_moe_ext.config import MoEExtConfig
     from megatron.core.transformer.moe import token_dispatcher
 
-    from megatron_moe_ext.megatron.router import C2RRouter, LocMoERouter
-    from megatron_moe_ext.megatron.router_padding_fix import apply_router_padding_fix
+    from megatron_moe_ext.config import MoEExtConfig
+    from megatron_moe_ext.mcore.router import C2RRouter, LocMoERouter
+    from megatron_moe_ext.mcore.router_padding_fix import apply_router_padding_fix
 
     stock_pad = token_dispatcher.pad_routing_map
 

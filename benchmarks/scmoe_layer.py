@@ -32,7 +32,7 @@ def build(args, mode: str):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_moe_ext.config import MoEExtConfig
-    from megatron_moe_ext.megatron.scmoe_spec import apply_scmoe
+    from megatron_moe_ext.mcore.scmoe_spec import apply_scmoe
 
     cfg = TransformerConfig(
         num_layers=2, moe_layer_freq=[0, 1], hidden_size=args.hidden, ffn_hidden_size=args.ffn,
@@ -62,7 +62,7 @@ def time_steps(block, args, pool) -> float:
 
 
 def set_slot(block, slot, overlap: bool) -> None:
-    from megatron_moe_ext.megatron.scmoe_layer import ScMoELayer
+    from megatron_moe_ext.mcore.scmoe_layer import ScMoELayer
 
     for layer in block.layers:
         if isinstance(layer, ScMoELayer):

@@ -1,9 +1,9 @@
 """`megatron-moe-ext <verb>`: the user surface.
 
-Each verb lives in its own module, which exposes `register(subparsers)`: it adds one sub-parser
-and sets `func=<callable taking the parsed namespace, returning an exit code>`. Modules are
-imported only when listed here, so `--help` stays quick and a verb's heavy imports (Megatron,
-torch) load only when it runs.
+Each verb is one module of `commands/` exposing `register(subparsers)`: it adds one sub-parser and
+sets `func` (the parsed namespace -> exit code). Verbs report bad input by raising
+`errors.UserError`; `main` prints it as one sentence and returns 2. Verb modules import torch and
+Megatron only when they run, so `--help` stays quick.
 """
 
 from __future__ import annotations
@@ -13,22 +13,11 @@ import importlib
 import sys
 from typing import List, Optional
 
-# verb module paths, in the order `--help` lists them
-_VERB_MODULES = [
-    "megatron_moe_ext.training.quickstart",
-    "megatron_moe_ext.training.pretrain_gpt",
-    "megatron_moe_ext.training.data",
-    "megatron_moe_ext.comm_volume",
-    "megatron_moe_ext.c2r_workflow",
-    "megatron_moe_ext.convert.apply_placement",
-    "megatron_moe_ext.plots",
-]
+from megatron_moe_ext.errors import UserError
 
-
-def fail(verb: str, message: str) -> int:
-    """Print `megatron-moe-ext VERB: error: MESSAGE` (one sentence) and return exit code 2."""
-    print(f"megatron-moe-ext {verb}: error: {message}", file=sys.stderr)
-    return 2
+# verbs in the order `--help` lists them (module names in megatron_moe_ext.commands)
+VERBS = ["quickstart", "pretrain", "prepare_data", "comm_volume", "profile", "plan_placement",
+         "apply_placement", "plot_metrics"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Communication-efficient expert-parallel MoE for Megatron-Core.",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for mod in _VERB_MODULES:
-        importlib.import_module(mod).register(sub)
+    for name in VERBS:
+        importlib.import_module(f"megatron_moe_ext.commands.{name}").register(sub)
     return parser
 
 
@@ -46,7 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `pretrain` hands every argument to Megatron's own parser untouched.
     if argv[:1] == ["pretrain"]:
-        from megatron_moe_ext.training.pretrain_gpt import main as pretrain_main
+        from megatron_moe_ext.commands.pretrain import main as pretrain_main
 
         return pretrain_main(argv[1:])
     parser = build_parser()
@@ -54,7 +43,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"megatron-moe-ext {args.verb}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_moe_ext.errors import UserError
+
 ROUTER_POLICIES = ("topk", "c2r", "locmoe", "locmoe-plus")
 SCMOE_CHOICES = ("off", "pos1", "pos2", "dgmoe")
 SCMOE_SLOTS = ("auto", "1", "2", "3", "4")
 EXPERT_BACKENDS = ("te", "torch", "sequential")
 
 
-class MoEExtConfigError(ValueError):
+class MoEExtConfigError(UserError):
     """An invalid plugin option or combination; the message is one sentence naming the flag."""
 
 
@@ -358,7 +360,7 @@ class MoEExtConfig:
 
     def _validate_c2r(self, num_experts: int, topk: int, ep_size: int) -> None:
         if self.c2r_plan:
-            from megatron_moe_ext.routing.plan import PlanError, load_plan
+            from megatron_moe_ext.files.plan import PlanError, load_plan
 
             try:
                 plan = load_plan(self.c2r_plan, num_experts=num_experts, ep_size=ep_size, topk=topk)

@@ -83,32 +83,3 @@ def plot_metrics(run_logs: Sequence[str], keys: Sequence[str], output: str,
     fig.savefig(output, dpi=100)
     plt.close(fig)
     return drawn
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("plot-metrics", help="plot logged metrics over training from run logs")
-    p.add_argument("run_logs", nargs="+", metavar="RUN_LOG", help="JSON-lines run logs (--moe-ext-run-log)")
-    p.add_argument("--keys", nargs="+", required=True,
-                   help='metric keys, e.g. "lm loss" "valid:lm loss" moe_ext/layer_1/expert_load')
-    p.add_argument("--labels", nargs="*", default=(), help="one legend label per run log")
-    p.add_argument("--output", required=True, metavar="PNG")
-    p.set_defaults(func=_main)
-
-
-def _main(ns) -> int:
-    from megatron_moe_ext.cli import fail
-
-    out = os.path.abspath(ns.output)
-    if any(os.path.abspath(p) == out for p in ns.run_logs):
-        return fail("plot-metrics", f"--output {ns.output} is one of the run logs; choose another path.")
-    missing = [p for p in ns.run_logs if not os.path.isfile(p)]
-    if missing:
-        return fail("plot-metrics", f"run log {missing[0]} does not exist.")
-    try:
-        drawn = plot_metrics(ns.run_logs, ns.keys, ns.output, ns.labels)
-    except ValueError as e:
-        return fail("plot-metrics", str(e))
-    for key, n in drawn.items():
-        print(f"{key}: {n} points" if n else f"{key}: not found in the run logs")
-    print(f"wrote {ns.output}")
-    return 0 if any(drawn.values()) else 2

@@ -50,9 +50,8 @@ def megatron_cpu():
     """One gloo rank with Megatron's model-parallel state (TP=PP=EP=1) in this pytest process,
     through the CPU compatibility layer. Returns the tiny-config builder from tests/dist/common."""
     sys.path.insert(0, str(DIST_DIR))
-    import torch.distributed as dist
-
     import common  # enables the compatibility layer before megatron is imported
+    import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from megatron_moe_ext.files.plan import Plan, PlanError, load_plan, save_plan
 from megatron_moe_ext.routing.c2r import c2r_select
 from megatron_moe_ext.routing.collaboration import (
     coactivation_counts,
@@ -19,7 +20,6 @@ from megatron_moe_ext.routing.placement import (
     intra_rank_fraction,
     random_placement,
 )
-from megatron_moe_ext.routing.plan import Plan, PlanError, load_plan, save_plan
 
 
 def test_coactivation_counts_hand_case():

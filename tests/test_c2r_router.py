@@ -10,10 +10,13 @@ from megatron_moe_ext.config import MoEExtConfig
 
 
 def _make(common, ext_cfg, **cfg_kw):
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_default_pg_collection,
+    )
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_moe_ext.megatron.router import C2RRouter
+    from megatron_moe_ext.mcore.router import C2RRouter
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     cfg = common.moe_config(num_moe_experts=8, moe_router_topk=3, moe_aux_loss_coeff=1e-2, **cfg_kw)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import pretrain_cpu, pretrain_cpu_cmd, run_log_rows, train_losses
+
 from megatron_moe_ext.cli import main
 
 pytestmark = pytest.mark.dist

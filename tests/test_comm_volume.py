@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_moe_ext.cli import main
-from megatron_moe_ext.routing.trace import save_trace, trace_path
+from megatron_moe_ext.files.trace import save_trace, trace_path
 
 FIELDS = ("policy", "rows_per_token", "remote_rows_per_token", "inter_node_rows_per_token",
           "distinct_ranks_per_token", "stock_rows_per_token", "stock_remote_rows_per_token",

@@ -70,10 +70,10 @@ def test_invalid_combinations_name_the_flag(flags, megatron, flag_named):
 
 
 def test_c2r_plan_mismatch_names_the_file(tmp_path):
-    from megatron_moe_ext.routing.collaboration import default_partner_lists
-    from megatron_moe_ext.routing.plan import Plan, save_plan
-
     import torch
+
+    from megatron_moe_ext.files.plan import Plan, save_plan
+    from megatron_moe_ext.routing.collaboration import default_partner_lists
 
     path = save_plan(tmp_path / "plan.json", Plan(8, 2, 3, True, {1: torch.arange(8)},
                                                    {1: default_partner_lists(8, 2, 3)}),

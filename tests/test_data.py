@@ -6,7 +6,11 @@ import os
 import pytest
 
 from megatron_moe_ext.cli import main
-from megatron_moe_ext.training.data import SHIPPED_CORPUS, PrepareDataConfig, prepare_data
+from megatron_moe_ext.training.data import (
+    SHIPPED_CORPUS,
+    PrepareDataConfig,
+    prepare_data,
+)
 
 SMALL = PrepareDataConfig(vocab_size=400, doc_chars=1500, valid_fraction=0.1, test_fraction=0.1)
 
@@ -25,10 +29,11 @@ def prepared(sample_text, tmp_path_factory):
 
 
 def test_indexed_dataset_round_trip_with_megatron_tokenizer(prepared, sample_text):
+    from types import SimpleNamespace
+
     import sentencepiece as spm
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
-    from types import SimpleNamespace
 
     args = SimpleNamespace(tokenizer_type="GPTSentencePieceTokenizer",
                            tokenizer_model=prepared.tokenizer_model, chat_template=None,

@@ -9,12 +9,14 @@ import sys
 
 import pytest
 import torch
-
 from test_grouped_experts import E, H, _experts
 
 
 def test_reference_quantizers_bound_the_error_and_share_the_transposed_copy():
-    from megatron_moe_ext.experts.fp8_quant import quantize_rows_reference, quantize_weight_reference
+    from megatron_moe_ext.experts.fp8_quant import (
+        quantize_rows_reference,
+        quantize_weight_reference,
+    )
 
     torch.manual_seed(0)
     x = torch.randn(9, 48)
@@ -70,8 +72,14 @@ def test_triton_quantizers_match_the_reference_in_the_interpreter():
 
 
 def test_fp8_emulation_forward_and_dgrad_against_references(megatron_cpu):
-    from megatron_moe_ext.experts.fp8_grouped_mlp import TorchFP8GroupedMLP, _FP8GroupedMM
-    from megatron_moe_ext.experts.fp8_quant import quantize_rows_reference, quantize_weight_reference
+    from megatron_moe_ext.experts.fp8_grouped_mlp import (
+        TorchFP8GroupedMLP,
+        _FP8GroupedMM,
+    )
+    from megatron_moe_ext.experts.fp8_quant import (
+        quantize_rows_reference,
+        quantize_weight_reference,
+    )
 
     torch.manual_seed(1)
     mod = _experts(megatron_cpu, True, cls=TorchFP8GroupedMLP, emulate=True)

@@ -1,7 +1,6 @@
 """The torch grouped-GEMM experts (BF16/FP32 and FP8-emulated) against plain references, inside
 Megatron's MoELayer against SequentialMLP, and checkpoint interchange with SequentialMLP."""
 
-import functools
 
 import pytest
 import torch

@@ -97,9 +97,12 @@ def test_capacity_bound_paper_figures_and_clamp():
 def test_locmoe_router_on_megatron(megatron_cpu):
     import functools
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_default_pg_collection,
+    )
 
-    from megatron_moe_ext.megatron.router import LocMoERouter
+    from megatron_moe_ext.mcore.router import LocMoERouter
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2)
@@ -122,9 +125,12 @@ def test_locmoe_router_on_megatron(megatron_cpu):
 def test_capacity_bound_drops_through_megatron_capacity_path(megatron_cpu):
     import functools
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_default_pg_collection,
+    )
 
-    from megatron_moe_ext.megatron.router import LocMoERouter
+    from megatron_moe_ext.mcore.router import LocMoERouter
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2,
@@ -158,7 +164,10 @@ def test_locmoe_pretrain_ep2_two_nodes(tmp_path):
 
 
 def test_token_choice_and_expert_choice_against_loops():
-    from megatron_moe_ext.routing.locality import expert_choice_keep, token_choice_lengths
+    from megatron_moe_ext.routing.locality import (
+        expert_choice_keep,
+        token_choice_lengths,
+    )
 
     g = torch.Generator().manual_seed(5)
     aff = torch.rand(40, 6, generator=g) * 2 - 0.5
@@ -187,9 +196,12 @@ def test_locmoe_plus_router_truncates_and_logs(megatron_cpu, monkeypatch):
 
     monkeypatch.setattr(nmc, "get_num_microbatches", lambda: 1)
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_default_pg_collection,
+    )
 
-    from megatron_moe_ext.megatron.router import LocMoEPlusRouter
+    from megatron_moe_ext.mcore.router import LocMoEPlusRouter
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2,
@@ -237,9 +249,12 @@ def test_local_bias_moves_selection_to_local_experts_only(megatron_cpu, monkeypa
     toward the node's experts while the probabilities keep the unbiased score function."""
     import functools
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_default_pg_collection,
+    )
 
-    from megatron_moe_ext.megatron.router import LocMoERouter
+    from megatron_moe_ext.mcore.router import LocMoERouter
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2)
@@ -267,9 +282,12 @@ def test_local_bias_waits_for_its_warmup(megatron_cpu):
     import functools
 
     from megatron.core import num_microbatches_calculator as nmc
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_default_pg_collection,
+    )
 
-    from megatron_moe_ext.megatron.router import LocMoERouter
+    from megatron_moe_ext.mcore.router import LocMoERouter
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_aux_loss_coeff=1e-2)
@@ -306,7 +324,7 @@ def test_offline_locmoe_policy_picks_what_the_biased_router_picks(megatron_cpu):
 
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-    from megatron_moe_ext.megatron.router import LocMoERouter
+    from megatron_moe_ext.mcore.router import LocMoERouter
     from megatron_moe_ext.routing.policies import PolicyContext, locmoe_policy
 
     cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2)

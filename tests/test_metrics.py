@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from megatron_moe_ext.metrics import dispatch_counts, dispatch_volume, volume_from_counts
+from megatron_moe_ext.routing.volume import (
+    dispatch_counts,
+    dispatch_volume,
+    volume_from_counts,
+)
 
 
 def _map(rows, E=8):

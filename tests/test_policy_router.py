@@ -9,7 +9,7 @@ import torch
 def _routers(common, **cfg_kw):
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_moe_ext.megatron.router import PolicyRouter
+    from megatron_moe_ext.mcore.router import PolicyRouter
 
     class TopKPolicy(PolicyRouter):
         def select_indices(self, scores):

@@ -4,8 +4,9 @@ ranks, saves a distributed checkpoint, and a run resumed from it continues with 
 import shutil
 
 import pytest
-
-from conftest import pretrain_cpu as _pretrain, run_log_rows as _rows, train_losses as _train_losses
+from conftest import pretrain_cpu as _pretrain
+from conftest import run_log_rows as _rows
+from conftest import train_losses as _train_losses
 
 pytestmark = pytest.mark.dist
 
@@ -30,7 +31,7 @@ def test_pretrain_ep2_checkpoint_resume_matches_uninterrupted(tmp_path):
         assert r["moe_ext/tokens"] == 4 * 64  # global batch x sequence, per layer
         assert sum(r["moe_ext/layer_1/expert_load"]) == pytest.approx(1.0)
     # A routing trace of the last iteration from each rank, readable by comm-volume.
-    from megatron_moe_ext.routing.trace import load_trace
+    from megatron_moe_ext.files.trace import load_trace
 
     trace = load_trace(tmp_path / "trace")
     assert len(trace.files) == 2 and set(trace.logits) == {1, 2}

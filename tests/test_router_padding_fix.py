@@ -9,7 +9,7 @@ import torch
 def test_padding_a_saved_routing_map_breaks_backward_and_the_fix_does_not(megatron_cpu):
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    from megatron_moe_ext.megatron.router_padding_fix import apply_router_padding_fix
+    from megatron_moe_ext.mcore.router_padding_fix import apply_router_padding_fix
 
     torch.manual_seed(0)
     logits = torch.randn(10, 4, requires_grad=True)

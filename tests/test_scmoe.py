@@ -6,7 +6,11 @@ import argparse
 import pytest
 import torch
 
-from megatron_moe_ext.config import MoEExtConfigError, moe_layer_pattern, scmoe_shortcut_sources
+from megatron_moe_ext.config import (
+    MoEExtConfigError,
+    moe_layer_pattern,
+    scmoe_shortcut_sources,
+)
 
 # Outputs and gradients are float32 computations of the same math in a different order (per-token
 # loops in the reference, permuted batches in Megatron): differences are a few float32 ulps of
@@ -30,7 +34,13 @@ VARIANTS = [("pos2", [0, 1, 0, 1]), ("pos2", [1, 0, 1, 0]), ("pos1", [1, 1, 1]),
 @pytest.mark.parametrize("mode,pattern", VARIANTS, ids=[f"{m}-{''.join(map(str, p))}" for m, p in VARIANTS])
 @pytest.mark.parametrize("slot", ["auto", "1", "3", "4"])
 def test_block_matches_the_papers_equations(megatron_cpu, mode, pattern, slot):
-    from scmoe_common import causal_mask, reference_forward, scmoe_block, scmoe_config, set_global_weights
+    from scmoe_common import (
+        causal_mask,
+        reference_forward,
+        scmoe_block,
+        scmoe_config,
+        set_global_weights,
+    )
 
     torch.manual_seed(0)
     block = scmoe_block(mode, scmoe_config(mode, pattern), expert_slot=slot)
@@ -59,7 +69,13 @@ def test_block_matches_the_papers_equations(megatron_cpu, mode, pattern, slot):
 
 
 def test_dgmoe_current_pass_never_repeats_the_previous_choice(megatron_cpu):
-    from scmoe_common import causal_mask, reference_forward, scmoe_block, scmoe_config, set_global_weights
+    from scmoe_common import (
+        causal_mask,
+        reference_forward,
+        scmoe_block,
+        scmoe_config,
+        set_global_weights,
+    )
 
     block = scmoe_block("dgmoe", scmoe_config("dgmoe", [0, 1]))
     set_global_weights(block, seed=2)

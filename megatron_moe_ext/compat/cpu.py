@@ -31,8 +31,6 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_moe_ext.training.presets import LOCAL_IMPL_FLAGS
-
 _ENABLED = False
 _CPU = torch.device("cpu")
 
@@ -229,7 +227,7 @@ def _stub_paged_stash_if_no_triton() -> None:
 
 def _patch_megatron_modules() -> None:
     """Patches on megatron modules; safe to call whether or not megatron.training is used."""
-    from megatron_moe_ext.megatron.wheel_fixes import apply_wheel_fixes
+    from megatron_moe_ext.mcore.wheel_fixes import apply_wheel_fixes
 
     apply_wheel_fixes()
     _let_recomputation_save_cpu_rng()
@@ -291,28 +289,3 @@ def reset_rng_tracker_for_cpu() -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-
-
-# Megatron's flags for a CPU run: no TE/apex kernels, no CUDA-only fusions, gloo.
-CPU_MEGATRON_FLAGS = LOCAL_IMPL_FLAGS + [
-    "--use-cpu-initialization",
-    "--distributed-backend", "gloo",
-    "--inference-rng-tracker",
-    "--no-bias-swiglu-fusion",
-    "--no-bias-gelu-fusion",
-    "--no-bias-dropout-fusion",
-    "--clip-grad", "0.0",  # grad-norm clipping asserts CUDA tensors
-]
-
-# The same for TransformerConfig built directly (tests).
-CPU_TRANSFORMER_CONFIG_KWARGS = dict(
-    use_cpu_initialization=True,
-    moe_permute_fusion=False,
-    moe_router_fusion=False,
-    bias_activation_fusion=False,
-    masked_softmax_fusion=False,
-    bias_dropout_fusion=False,
-    apply_rope_fusion=False,
-    gradient_accumulation_fusion=False,
-    persist_layer_norm=False,
-)

@@ -13,7 +13,6 @@ CPU tests and small GPU runs use; for very large checkpoints run it on a large-m
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -25,7 +24,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch.distributed.checkpoint import DefaultSavePlanner
 
-from megatron_moe_ext.routing.plan import Plan, PlanError, load_plan
+from megatron_moe_ext.errors import UserError
+from megatron_moe_ext.files.plan import Plan, load_plan
 
 MARKER = "moe_ext_placement.json"
 # keys whose axis 1 is the expert axis (axis 0 = layer); optimizer states carry them as suffixes
@@ -36,32 +36,8 @@ _EXTRA_STATE = re.compile(r"^(.*decoder\.layers\.mlp\.experts\.experts\.linear_f
                           r"/shard_)(\d+)\.(\d+)_(\d+)\.(\d+)$")
 
 
-class PlacementError(ValueError):
+class PlacementError(UserError):
     """The checkpoint, plan or output cannot be used; nothing was written."""
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "apply-placement", help="Rewrite a Megatron checkpoint so experts sit in their planned slots.",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="checkpoint folder (with latest_checkpointed_iteration.txt) "
-                                                 "or one iter_XXXXXXX folder")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--save", required=True, help="new checkpoint folder (must not exist)")
-    p.add_argument("--drop-optimizer", action="store_true",
-                   help="write the model only (no optimizer state); resume with --no-load-optim")
-    p.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    try:
-        out = apply_placement(ns.load, ns.plan, ns.save, drop_optimizer=ns.drop_optimizer)
-    except (PlacementError, PlanError) as e:
-        from megatron_moe_ext.cli import fail
-
-        return fail("apply-placement", str(e))
-    print(f"wrote {out}")
-    return 0
 
 
 def _iteration_dir(load: Path) -> Tuple[Path, str]:

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_moe_ext.experts.triton_support import use_triton
 from megatron_moe_ext.experts.swiglu import weighted_swiglu
+from megatron_moe_ext.experts.triton_support import use_triton
 
 
 class _Stacked(torch.nn.Module):
@@ -67,7 +67,10 @@ class TorchGroupedMLP(MegatronModule):
     def _init_weights(self) -> None:
         """Each expert slice with Megatron's init methods under the expert-parallel RNG, as
         SequentialMLP's linears do."""
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+        from megatron.core.tensor_parallel.random import (
+            get_cuda_rng_tracker,
+            get_expert_parallel_rng_tracker_name,
+        )
 
         if not self.config.perform_initialization:
             return
@@ -103,7 +106,9 @@ class TorchGroupedMLP(MegatronModule):
         if self._plain_swiglu() and use_triton(fc1_out):
             hidden = weighted_swiglu(fc1_out, probs)  # one fused pass each way (swiglu.py)
         elif self._plain_swiglu() and self.config.bias_activation_fusion:
-            from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+            from megatron.core.fusions.fused_bias_swiglu import (
+                weighted_bias_swiglu_impl,
+            )
 
             # Megatron's fused SwiGLU x probs (--bias-swiglu-fusion), as its MLP and TEGroupedMLP use
             hidden = weighted_bias_swiglu_impl(fc1_out, None, probs.unsqueeze(-1))
@@ -125,7 +130,10 @@ class TorchGroupedMLP(MegatronModule):
 
     # -- distributed checkpoints: SequentialMLP's keys ----------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron.core.dist_checkpointing.mapping import (
+            ShardedTensor,
+            ShardedTensorFactory,
+        )
         from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
         num_global = self.config.num_moe_experts

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from megatron_moe_ext.routing.collaboration import partner_lists
+
 
 def intra_rank_fraction(coact: torch.Tensor, expert_to_rank: torch.Tensor) -> float:
     """Share of off-diagonal co-activation between experts on the same rank (0..1)."""
@@ -90,3 +92,21 @@ def permute_coactivation(coact: torch.Tensor, expert_to_slot: torch.Tensor,
     inv = torch.empty_like(expert_to_slot)
     inv[expert_to_slot] = torch.arange(expert_to_slot.numel())
     return coact[inv][:, inv]
+
+
+def plan_layer(coact: torch.Tensor, ep: int, top_t: int, *, co_resident_only: bool,
+               keep_placement: bool, seed: int):
+    """One layer's plan from its co-activation [E, E]: (expert_to_slot LongTensor[E], partners
+    LongTensor[E, top_t] indexed by physical slot, report {"planned", "identity", "random"} of
+    intra-rank co-activation shares)."""
+    E = coact.shape[0]
+    identity = torch.arange(E) // (E // ep)
+    rank = identity if keep_placement else balanced_placement(coact, ep, seed=seed)
+    slot = expert_to_slot_from_ranks(rank, ep)
+    logical = partner_lists(coact, top_t, expert_to_rank=rank, co_resident_only=co_resident_only)
+    physical = torch.empty_like(logical)
+    physical[slot] = slot[logical]        # row slot[e] lists the slots of e's partners
+    report = {"planned": intra_rank_fraction(coact, rank),
+              "identity": intra_rank_fraction(coact, identity),
+              "random": intra_rank_fraction(coact, random_placement(E, ep, seed=seed + 1))}
+    return slot, physical, report

@@ -92,7 +92,7 @@ def c2r_policy(logits: torch.Tensor, topk: int, ctx: PolicyContext) -> torch.Ten
 
     plan_path = ctx.options.get("plan")
     if plan_path:
-        from megatron_moe_ext.routing.plan import load_plan
+        from megatron_moe_ext.files.plan import load_plan
 
         plan = load_plan(plan_path, num_experts=ctx.num_experts, ep_size=ctx.ep_size, topk=topk)
         layer = ctx.layer if ctx.layer in plan.partners else min(plan.partners)

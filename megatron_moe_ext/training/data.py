@@ -11,7 +11,6 @@ The inputs are only read.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import hashlib
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
+from megatron_moe_ext.errors import UserError
+
 SHIPPED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus_en.txt.gz"
 MANIFEST = "manifest.json"
 SCHEMA = "megatron-moe-ext/prepared-data"
@@ -30,7 +31,7 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")
 
 
-class PrepareDataError(ValueError):
+class PrepareDataError(UserError):
     """Bad input to prepare-data; the message is one sentence naming the input."""
 
 
@@ -238,39 +239,3 @@ def _load_cached(out: Path, fingerprint: dict) -> Optional[PreparedData]:
     result = PreparedData(**manifest["result"])
     needed = [result.tokenizer_model] + [p + ext for p in result.prefixes.values() for ext in (".bin", ".idx")]
     return result if all(Path(p).is_file() for p in needed) else None
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "prepare-data", help="Train a SentencePiece tokenizer and write Megatron indexed datasets.",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", default=None, metavar="PATH",
-                   help="Text files (.txt, .txt.gz) or folders of them (default: the shipped corpus).")
-    p.add_argument("--output-dir", required=True)
-    d = PrepareDataConfig()
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    p.add_argument("--doc-chars", type=int, default=d.doc_chars,
-                   help="Approximate document length in characters (documents end at paragraph breaks).")
-    p.add_argument("--valid-fraction", type=float, default=d.valid_fraction)
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    try:
-        if not 0 < ns.valid_fraction < 0.5 or not 0 <= ns.test_fraction < 0.5:
-            raise PrepareDataError("--valid-fraction must be in (0, 0.5) and --test-fraction in [0, 0.5).")
-        if ns.vocab_size < 300:
-            raise PrepareDataError("--vocab-size must be at least 300 (256 byte-fallback pieces plus specials).")
-        cfg = PrepareDataConfig(vocab_size=ns.vocab_size, doc_chars=ns.doc_chars,
-                                valid_fraction=ns.valid_fraction, test_fraction=ns.test_fraction,
-                                seed=ns.seed)
-        result = prepare_data(ns.output_dir, ns.input, cfg)
-    except PrepareDataError as e:
-        from megatron_moe_ext.cli import fail
-
-        return fail("prepare-data", str(e))
-    print(result)
-    print("Megatron flags: " + " ".join(result.megatron_args()))
-    return 0

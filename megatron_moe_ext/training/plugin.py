@@ -35,9 +35,9 @@ def extra_args_provider(chain: Optional[Callable] = None) -> Callable:
 def configure_model(args: Any, model_cfg: Any) -> MoEExtConfig:
     """Validate the plugin's flags (exit with one sentence if invalid), install the plugin's block
     spec unless `--spec` chose another, and register the run hooks. Returns the config."""
-    from megatron_moe_ext.megatron.router_padding_fix import apply_router_padding_fix
-    from megatron_moe_ext.megatron.specs import moe_ext_decoder_block_spec
-    from megatron_moe_ext.megatron.wheel_fixes import apply_wheel_fixes
+    from megatron_moe_ext.mcore.router_padding_fix import apply_router_padding_fix
+    from megatron_moe_ext.mcore.specs import moe_ext_decoder_block_spec
+    from megatron_moe_ext.mcore.wheel_fixes import apply_wheel_fixes
     from megatron_moe_ext.training.run_hooks import install_run_hooks
 
     apply_wheel_fixes()
@@ -59,7 +59,11 @@ def _check_placement(args: Any, plan_path: str) -> None:
     import os
 
     from megatron_moe_ext.args import _exit_with
-    from megatron_moe_ext.convert.apply_placement import MARKER, check_plan_applied, plan_sha256
+    from megatron_moe_ext.convert.apply_placement import (
+        MARKER,
+        check_plan_applied,
+        plan_sha256,
+    )
 
     load = getattr(args, "load", None)
     if load and os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt")):

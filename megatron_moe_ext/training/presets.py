@@ -4,16 +4,6 @@ from __future__ import annotations
 
 from typing import List
 
-# Megatron without Transformer Engine (or apex): the local transformer implementation and none of
-# the fused kernels that need TE/apex. Used on CPU and on GPUs without TE.
-LOCAL_IMPL_FLAGS = [
-    "--transformer-impl", "local",
-    "--no-gradient-accumulation-fusion",
-    "--no-masked-softmax-fusion",
-    "--no-persist-layer-norm",
-    "--no-rope-fusion",
-]
-
 
 def tiny_moe_flags(*, num_layers: int = 4, hidden: int = 128, experts: int = 8, topk: int = 2,
                    ep: int = 2, seq_length: int = 128, heads: int = 4,

@@ -26,30 +26,30 @@ _PROGRAM_START_TIME = time.time()
 CPU_FLAG = "--cpu"
 
 
-def register(subparsers) -> None:
-    """`megatron-moe-ext pretrain ...`: all arguments go to Megatron's parser (see cli.py)."""
-    p = subparsers.add_parser(
-        "pretrain", add_help=False,
-        help="Megatron pretraining with the plugin's flags (all arguments go to Megatron).")
-    p.set_defaults(func=lambda ns: main(sys.argv[2:]))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse Megatron + plugin flags from `argv` (default sys.argv[1:]) and run pretrain()."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if CPU_FLAG in argv:
-        from megatron_moe_ext.compat.cpu import CPU_MEGATRON_FLAGS, enable_cpu_compat
+        from megatron_moe_ext.compat.cpu import enable_cpu_compat
+        from megatron_moe_ext.compat.presets import CPU_MEGATRON_FLAGS
 
         argv = CPU_MEGATRON_FLAGS + [a for a in argv if a != CPU_FLAG]
         enable_cpu_compat()
 
     from megatron.core.enums import ModelType
     from megatron.training import inprocess_restart, pretrain, set_startup_timestamps
-    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.argument_utils import (
+        gpt_config_from_args,
+        pretrain_cfg_container_from_args,
+    )
     from megatron.training.arguments import parse_and_validate_args
 
     from megatron_moe_ext.training import gpt_steps
-    from megatron_moe_ext.training.plugin import configure_model, extra_args_provider, finish_run
+    from megatron_moe_ext.training.plugin import (
+        configure_model,
+        extra_args_provider,
+        finish_run,
+    )
 
     set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
     # Megatron's parser reads sys.argv.

@@ -41,7 +41,7 @@ def install_run_hooks(model_cfg: Any, ext_cfg: MoEExtConfig) -> None:
 
 
 def _attach_recorder(model):
-    from megatron_moe_ext.megatron.metrics_hook import MoEMetricsRecorder
+    from megatron_moe_ext.mcore.metrics_hook import MoEMetricsRecorder
 
     ext_cfg = _STATE["ext_cfg"]
     _STATE["recorder"] = MoEMetricsRecorder.from_config(model, ext_cfg)

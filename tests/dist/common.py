@@ -8,11 +8,8 @@ from typing import Dict
 
 import torch
 
-from megatron_moe_ext.compat.cpu import (
-    CPU_TRANSFORMER_CONFIG_KWARGS,
-    enable_cpu_compat,
-    reset_rng_tracker_for_cpu,
-)
+from megatron_moe_ext.compat.cpu import enable_cpu_compat, reset_rng_tracker_for_cpu
+from megatron_moe_ext.compat.presets import CPU_TRANSFORMER_CONFIG_KWARGS
 
 enable_cpu_compat()
 

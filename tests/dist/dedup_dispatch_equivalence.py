@@ -16,8 +16,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodu
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import get_submodules
 
-from megatron_moe_ext.megatron.dispatch import DedupMoELayer
-from megatron_moe_ext.metrics import COUNT_FIELDS, dispatch_counts
+from megatron_moe_ext.mcore.dispatch import DedupMoELayer
+from megatron_moe_ext.routing.volume import COUNT_FIELDS, dispatch_counts
 
 CASES = {
     "top2": dict(moe_router_topk=2),

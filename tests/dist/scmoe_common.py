@@ -37,15 +37,15 @@ def scmoe_block(mode: str, cfg, expert_slot="auto", router_policy: str = "topk",
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_moe_ext.config import MoEExtConfig
-    from megatron_moe_ext.megatron.scmoe_spec import apply_scmoe
-    from megatron_moe_ext.megatron.specs import replace_moe_submodules, router_class_for
+    from megatron_moe_ext.mcore.scmoe_spec import apply_scmoe
+    from megatron_moe_ext.mcore.specs import replace_moe_submodules, router_class_for
 
     ext = MoEExtConfig(router_policy=router_policy, scmoe=mode, scmoe_expert_slot=str(expert_slot))
     spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="LayerNorm")
     router = router_class_for(ext)
     layer_cls = None
     if dedup:
-        from megatron_moe_ext.megatron.dispatch import DedupMoELayer
+        from megatron_moe_ext.mcore.dispatch import DedupMoELayer
 
         layer_cls = DedupMoELayer
     if router is not None or layer_cls is not None:

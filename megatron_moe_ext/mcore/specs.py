@@ -3,7 +3,7 @@
 Usable two ways:
   * the plugin's pretrain entry sets `transformer_layer_spec = partial(moe_ext_decoder_block_spec,
     ext_cfg=...)` on the GPTModelConfig;
-  * from a Megatron-LM checkout: `--spec megatron_moe_ext.megatron.specs moe_ext_decoder_block_spec`
+  * from a Megatron-LM checkout: `--spec megatron_moe_ext.mcore.specs moe_ext_decoder_block_spec`
     (the options are then read from Megatron's global args, which must include the plugin's flags).
 
 The block starts as Megatron's own default for the model (`default_layer_spec`: TE or local,
@@ -39,7 +39,7 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
     router_cls = router_class_for(ext_cfg)
     layer_cls = None
     if ext_cfg.dedup_dispatch:
-        from megatron_moe_ext.megatron.dispatch import DedupMoELayer
+        from megatron_moe_ext.mcore.dispatch import DedupMoELayer
 
         layer_cls = DedupMoELayer
     subs = {} if router_cls is None else {"router": router_cls}
@@ -50,7 +50,7 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
     if subs or layer_cls is not None:
         block = replace_moe_submodules(block, layer_cls=layer_cls, **subs)
     if ext_cfg.scmoe != "off":
-        from megatron_moe_ext.megatron.scmoe_spec import apply_scmoe
+        from megatron_moe_ext.mcore.scmoe_spec import apply_scmoe
 
         if getattr(block, "layer_specs", None) is None:
             raise ValueError("--moe-scmoe needs a decoder block spec (per-layer specs), not one layer spec.")
@@ -62,16 +62,16 @@ def router_class_for(ext_cfg: MoEExtConfig) -> Optional[Callable]:
     """The router builder for the configured policy; None keeps Megatron's TopKRouter."""
     if ext_cfg.router_policy == "topk":
         if ext_cfg.scmoe == "dgmoe":  # its current pass excludes experts: a PolicyRouter can
-            from megatron_moe_ext.megatron.router import TopKPolicyRouter
+            from megatron_moe_ext.mcore.router import TopKPolicyRouter
 
             return TopKPolicyRouter
         return None
     if ext_cfg.router_policy == "c2r":
-        from megatron_moe_ext.megatron.router import C2RRouter
+        from megatron_moe_ext.mcore.router import C2RRouter
 
         return functools.partial(C2RRouter, ext_cfg=ext_cfg)
     if ext_cfg.router_policy in ("locmoe", "locmoe-plus"):
-        from megatron_moe_ext.megatron.router import LocMoEPlusRouter, LocMoERouter
+        from megatron_moe_ext.mcore.router import LocMoEPlusRouter, LocMoERouter
 
         cls = LocMoERouter if ext_cfg.router_policy == "locmoe" else LocMoEPlusRouter
         return functools.partial(cls, ext_cfg=ext_cfg)

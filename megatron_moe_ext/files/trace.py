@@ -14,12 +14,14 @@ from typing import Dict, List, Union
 
 import torch
 
+from megatron_moe_ext.errors import UserError
+
 SCHEMA = "megatron-moe-ext/routing-trace"
 VERSION = 1
 _META = ("iteration", "num_experts", "topk", "ep_size", "ep_rank", "ep_ranks_per_node")
 
 
-class TraceError(ValueError):
+class TraceError(UserError):
     """A trace file that cannot be used; the message names the file and the problem."""
 
 

@@ -22,12 +22,14 @@ from typing import Dict, Optional, Union
 import numpy as np
 import torch
 
+from megatron_moe_ext.errors import UserError
+
 PROFILE_SCHEMA = "megatron-moe-ext/collaboration-profile"
 PLAN_SCHEMA = "megatron-moe-ext/c2r-plan"
 VERSION = 1
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """An unusable profile or plan file; the message names the file and what is wrong."""
 
 

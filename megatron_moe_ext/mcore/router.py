@@ -203,7 +203,7 @@ class C2RRouter(PolicyRouter):
             self._coact = None  # resumed after the warm-up: stay constrained
 
     def _plan(self):
-        from megatron_moe_ext.routing.plan import load_plan
+        from megatron_moe_ext.files.plan import load_plan
 
         if not hasattr(self, "_plan_cache"):
             self._plan_cache = load_plan(self.ext_cfg.c2r_plan, num_experts=self.config.num_moe_experts,
@@ -235,7 +235,10 @@ class C2RRouter(PolicyRouter):
         the router's data-parallel group, reached by every rank at the same micro-batch)."""
         from megatron.core.num_microbatches_calculator import get_num_microbatches
 
-        from megatron_moe_ext.routing.collaboration import coactivation_counts, partner_lists
+        from megatron_moe_ext.routing.collaboration import (
+            coactivation_counts,
+            partner_lists,
+        )
         from megatron_moe_ext.routing.policies import indices_to_map
 
         E = self.config.num_moe_experts

@@ -11,7 +11,10 @@ import dataclasses
 from typing import Any, List, Optional
 
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    get_transformer_layer_offset,
+)
 
 from megatron_moe_ext.config import (
     MoEExtConfig,
@@ -19,7 +22,7 @@ from megatron_moe_ext.config import (
     scmoe_recompute_problem,
     scmoe_shortcut_sources,
 )
-from megatron_moe_ext.megatron.scmoe_layer import (
+from megatron_moe_ext.mcore.scmoe_layer import (
     ScMoELayer,
     ScMoELayerSubmodules,
     ScMoEProducerLayer,

@@ -19,14 +19,15 @@ from typing import Dict, List
 
 import torch
 
-from megatron_moe_ext.metrics import dispatch_counts, volume_from_counts
+from megatron_moe_ext.errors import UserError
+from megatron_moe_ext.files.trace import load_trace
 from megatron_moe_ext.routing.policies import (
     ROUTING_POLICIES,
     PolicyContext,
     indices_to_map,
     topk_policy,
 )
-from megatron_moe_ext.routing.trace import TraceError, load_trace
+from megatron_moe_ext.routing.volume import dispatch_counts, volume_from_counts
 
 
 def register(subparsers) -> None:
@@ -54,17 +55,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _fail(msg: str) -> int:
-    from megatron_moe_ext.cli import fail
-
-    return fail("comm-volume", msg)
-
-
 def run(ns: argparse.Namespace) -> int:
     try:
         layers, meta = _load_inputs(ns)
-    except (TraceError, ValueError) as e:
-        return _fail(str(e))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     E, k, ep, rpn = meta["experts"], meta["topk"], meta["ep"], meta["ranks_per_node"]
     policy = ROUTING_POLICIES[ns.policy]
     per_layer: Dict[str, Dict] = {}
@@ -74,7 +69,7 @@ def run(ns: argparse.Namespace) -> int:
         try:
             chosen = policy.select(logits, k, ctx)
         except ValueError as e:  # PlanError included
-            return _fail(str(e))
+            raise UserError(str(e)) from None
         stock = topk_policy(logits, k, ctx)
         counts = dispatch_counts(indices_to_map(chosen, E), ep_size=ep, ep_ranks_per_node=rpn,
                                  src_ep_rank=src)

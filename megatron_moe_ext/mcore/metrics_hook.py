@@ -17,10 +17,17 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_moe_ext.config import MoEExtConfig
-from megatron_moe_ext.metrics import NUM_FIELDS, dispatch_counts, volume_from_counts
-from megatron_moe_ext.routing.collaboration import coactivation_counts, specialization_metrics
-from megatron_moe_ext.routing.plan import save_profile
-from megatron_moe_ext.routing.trace import save_trace, trace_path
+from megatron_moe_ext.files.plan import save_profile
+from megatron_moe_ext.files.trace import save_trace, trace_path
+from megatron_moe_ext.routing.collaboration import (
+    coactivation_counts,
+    specialization_metrics,
+)
+from megatron_moe_ext.routing.volume import (
+    NUM_FIELDS,
+    dispatch_counts,
+    volume_from_counts,
+)
 
 _SCALARS = ("rows_per_token", "remote_rows_per_token", "inter_node_rows_per_token",
             "distinct_ranks_per_token", "bytes_per_token", "inter_node_bytes_per_token", "load_cv")
@@ -190,7 +197,10 @@ class MoEMetricsRecorder:
 
     @staticmethod
     def _write(out: Dict[str, object], iteration: int) -> None:
-        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+        from megatron.training.global_vars import (
+            get_tensorboard_writer,
+            get_wandb_writer,
+        )
 
         scalars = {k: float(v) for k, v in out.items()
                    if isinstance(v, (int, float)) and math.isfinite(v)}

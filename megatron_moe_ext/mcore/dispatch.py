@@ -20,7 +20,11 @@ from typing import List, Optional
 import torch
 from megatron.core.tensor_parallel.mappings import all_to_all
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, permute, unpermute
+from megatron.core.transformer.moe.moe_utils import (
+    get_default_pg_collection,
+    permute,
+    unpermute,
+)
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_moe_ext.routing.dedup import local_slices, rank_rows

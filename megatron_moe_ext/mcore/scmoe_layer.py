@@ -35,9 +35,12 @@ from typing import Any, Optional, Union
 
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
 
-from megatron_moe_ext.megatron.scmoe_slots import SlotChooser
+from megatron_moe_ext.mcore.scmoe_slots import SlotChooser
 
 SCMOE_MODES = ("pos1", "pos2", "dgmoe")
 
