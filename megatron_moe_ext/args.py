@@ -4,154 +4,168 @@ Usage with Megatron-LM's flow:
 
     args = parse_and_validate_args(extra_args_provider=add_moe_ext_args)
     ext_cfg = moe_ext_config_from_args(args)   # exits with one sentence on a bad combination
+
+The flags are generated from `MoEExtConfig`'s fields with Megatron's own `ArgumentGroupFactory`
+(name, type, default, choices, and the field's docstring as help), so each exists once. After
+the config validates itself (pure checks), `check_with_megatron` runs the checks that need
+Megatron's settings: each routing policy's and each adapter's, from the module that owns them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
-from typing import Optional
+import warnings
+from typing import Any
 
-from megatron_moe_ext.config import (
-    EXPERT_BACKENDS,
-    ROUTER_POLICIES,
-    SCMOE_CHOICES,
-    SCMOE_SLOTS,
-    MoEExtConfig,
-    MoEExtConfigError,
-)
+from megatron_moe_ext.config import MoEExtConfig, MoEExtConfigError, flag_attr, flag_name
+from megatron_moe_ext.errors import UserError
 
-# args attribute -> MoEExtConfig field, for the fields whose flag is not `--moe-<field>`.
-_ATTR_FOR_FIELD = {
-    "router_policy": "moe_router_policy",
-    "ranks_per_node": "moe_ranks_per_node",
-    "ext_metrics": "moe_ext_metrics",
-    "ext_metrics_bytes_per_element": "moe_ext_metrics_bytes_per_element",
-    "run_log": "moe_ext_run_log",
-    "save_routing_trace": "save_routing_trace",
-    "c2r_top_t": "moe_c2r_top_t",
-    "c2r_plan": "moe_c2r_plan",
-    "c2r_warmup_steps": "moe_c2r_warmup_steps",
-    "profile_collaboration": "moe_profile_collaboration",
-    "dedup_dispatch": "moe_dedup_dispatch",
-    "locmoe_mu": "moe_locmoe_mu",
-    "locmoe_eps": "moe_locmoe_eps",
-    "locmoe_gate": "moe_locmoe_gate",
-    "locmoe_capacity": "moe_locmoe_capacity",
-    "locmoe_local_bias": "moe_locmoe_local_bias",
-    "locmoe_local_bias_warmup_steps": "moe_locmoe_local_bias_warmup_steps",
-    "locmoe_plus_tau": "moe_locmoe_plus_tau",
-    "locmoe_plus_reestimate_interval": "moe_locmoe_plus_reestimate_interval",
-    "routing_trace_interval": "routing_trace_interval",
-    "routing_trace_max_tokens": "routing_trace_max_tokens",
-}
+
+def _flag_factory():
+    from megatron.training.argument_utils import ArgumentGroupFactory
+
+    class FlagFactory(ArgumentGroupFactory):
+        """Megatron's factory with the plugin's flag names (`flag_attr`) and on/off booleans."""
+
+        def _build_argparse_kwargs_from_field(self, attribute):
+            kwargs = super()._build_argparse_kwargs_from_field(attribute)
+            kwargs["arg_names"] = [flag_name(attribute)]
+            kwargs["dest"] = flag_attr(attribute)
+            if attribute.type is bool and attribute.default is True:
+                kwargs["action"] = argparse.BooleanOptionalAction  # --x / --no-x
+            return kwargs
+
+    return FlagFactory(MoEExtConfig)
 
 
 def add_moe_ext_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the plugin's flags to `parser` (Megatron's `extra_args_provider` signature)."""
-    d = MoEExtConfig.__dataclass_fields__
-    g = parser.add_argument_group(title="megatron-moe-ext")
-    g.add_argument("--moe-router-policy", choices=ROUTER_POLICIES, default=d["router_policy"].default,
-                   help="Routing policy of every MoE layer: topk (Megatron's TopKRouter), c2r "
-                        "(collaboration-constrained), locmoe, locmoe-plus (locality-aware).")
-    g.add_argument("--moe-ranks-per-node", type=int, default=None,
-                   help="GPUs per node, for inter-node accounting and locality "
-                        "(default: LOCAL_WORLD_SIZE from the launcher).")
-    g.add_argument("--moe-ext-metrics", action=argparse.BooleanOptionalAction,
-                   default=d["ext_metrics"].default,
-                   help="Log moe_ext/* metrics: all-to-all rows and bytes per token (remote, "
-                        "inter-node), distinct destination ranks, per-expert load and its CV.")
-    g.add_argument("--moe-ext-metrics-bytes-per-element", type=int,
-                   default=d["ext_metrics_bytes_per_element"].default,
-                   help="Bytes per element of dispatched activations for the byte counts (2 = bf16).")
-    g.add_argument("--moe-ext-run-log", type=str, default=None, metavar="FILE",
-                   help="Append train/validation losses and moe_ext metrics to FILE as JSON lines.")
-    g.add_argument("--save-routing-trace", type=str, default=None, metavar="DIR",
-                   help="Write the router logits of every MoE layer to DIR (routing_trace_*.pt) "
-                        "for `megatron-moe-ext comm-volume --trace`.")
-    g.add_argument("--routing-trace-interval", type=int, default=d["routing_trace_interval"].default,
-                   help="Record a routing trace every N iterations (0: only at the last iteration).")
-    g.add_argument("--routing-trace-max-tokens", type=int,
-                   default=d["routing_trace_max_tokens"].default,
-                   help="Keep at most this many tokens per layer in each recorded trace.")
-    g.add_argument("--moe-c2r-top-t", type=int, default=None, metavar="T",
-                   help="C2R: partners per expert among which the k-1 non-top-1 experts are chosen "
-                        "(default: experts per EP rank - 1, which keeps a token on one rank).")
-    g.add_argument("--moe-c2r-plan", type=str, default=None, metavar="PLAN.json",
-                   help="C2R: partner lists from `megatron-moe-ext plan-placement`.")
-    g.add_argument("--moe-c2r-warmup-steps", type=int, default=0, metavar="W",
-                   help="C2R from scratch: plain top-k for W iterations while profiling, then "
-                        "partners among co-resident experts, frozen and checkpointed.")
-    g.add_argument("--moe-profile-collaboration", type=str, default=None, metavar="DIR",
-                   help="Record expert co-activation of every MoE layer and write a collaboration "
-                        "profile to DIR at the end of the run (see `megatron-moe-ext profile`).")
-    g.add_argument("--moe-locmoe-mu", type=float, default=d["locmoe_mu"].default,
-                   help="LocMoE: coefficient of the locality loss mu * KL(D_c || D_l).")
-    g.add_argument("--moe-locmoe-eps", type=float, default=d["locmoe_eps"].default,
-                   help="LocMoE: mass the fully localized distribution leaves on remote experts.")
-    g.add_argument("--moe-locmoe-gate", choices=("learned", "grap"), default=d["locmoe_gate"].default,
-                   help="LocMoE: learned gate initialised to GrAP, or the fixed GrAP gate.")
-    g.add_argument("--moe-locmoe-local-bias", type=float, default=0.0, metavar="B",
-                   help="LocMoE: add B to the selection scores of experts on the token's own node "
-                        "(selection only; beyond the paper).")
-    g.add_argument("--moe-locmoe-local-bias-warmup-steps", type=int, default=0, metavar="W",
-                   help="LocMoE: no local bias for the first W training iterations, then B.")
-    g.add_argument("--moe-locmoe-capacity", choices=("off", "bound"), default="off",
-                   help="LocMoE: expert capacity from the paper's lower bound (estimated each step), "
-                        "clamped to --moe-expert-capacity-factor.")
-    g.add_argument("--moe-locmoe-plus-tau", type=float, default=d["locmoe_plus_tau"].default,
-                   help="LocMoE+: a token proposes its fewest top experts whose affinities reach "
-                        "tau x its positive affinity sum (at most k).")
-    g.add_argument("--moe-locmoe-plus-reestimate-interval", type=int,
-                   default=d["locmoe_plus_reestimate_interval"].default, metavar="N",
-                   help="LocMoE+: re-estimate the expert capacity every N iterations (0: never).")
-    g.add_argument("--moe-dedup-dispatch", action="store_true",
-                   help="Send each token once per destination EP rank instead of once per expert.")
-    g.add_argument("--moe-expert-backend", choices=EXPERT_BACKENDS, default=None,
-                   help="Routed experts: te (Megatron's TEGroupedMLP), torch (the plugin's "
-                        "torch._grouped_mm experts, FP8 GEMMs under --fp8-format; no TE needed), "
-                        "sequential (Megatron's SequentialMLP). Default: Megatron's choice.")
-    g.add_argument("--moe-scmoe", choices=SCMOE_CHOICES, default="off",
-                   help="Shortcut-connected MoE: the routed experts read the previous block's "
-                        "representation (pos2: its post-attention stream, for dense/MoE alternation; "
-                        "pos1: its output, for every-layer MoE) beside a gated shared expert, or "
-                        "dgmoe: two top-k passes of one expert set on the previous and current streams.")
-    g.add_argument("--moe-scmoe-expert-slot", choices=SCMOE_SLOTS, default="auto",
-                   help="ScMoE: main-stream point of the routed experts' GEMMs (1: before block l's "
-                        "MLP, 2: before block l+1's attention, 3: after it, 4: after the shared "
-                        "expert; auto: time them over the first steps and keep the fastest).")
+    _flag_factory().build_group(parser, title="megatron-moe-ext")
     return parser
 
 
-def moe_ext_config_from_args(args: argparse.Namespace, *, exit_on_error: bool = True
-                             ) -> MoEExtConfig:
+def moe_ext_config_from_args(args: argparse.Namespace, *, exit_on_error: bool = True) -> MoEExtConfig:
     """Build and validate the plugin config from Megatron's parsed args.
 
     On an invalid option this prints one sentence naming the flag and exits with status 2, as
     argparse does, unless `exit_on_error=False`, in which case MoEExtConfigError propagates.
     """
-    kwargs = {}
-    for f in dataclasses.fields(MoEExtConfig):
-        attr = _ATTR_FOR_FIELD.get(f.name, "moe_" + f.name)
-        if hasattr(args, attr):
-            kwargs[f.name] = getattr(args, attr)
+    kwargs = {f.name: getattr(args, flag_attr(f)) for f in dataclasses.fields(MoEExtConfig)
+              if hasattr(args, flag_attr(f))}
     try:
         cfg = MoEExtConfig(**kwargs)
-        cfg.validate_with_megatron(
-            num_experts=getattr(args, "num_experts", None),
-            topk=getattr(args, "moe_router_topk", 2),
-            ep_size=getattr(args, "expert_model_parallel_size", 1),
-            world_size=getattr(args, "world_size", 1),
-            megatron_args=args,
-        )
-    except MoEExtConfigError as e:
+        check_with_megatron(cfg, args)
+        check_paths(cfg)
+    except UserError as e:
         if not exit_on_error:
             raise
-        _exit_with(str(e))
+        exit_with(e)
     return cfg
 
 
-def _exit_with(message: str, prog: Optional[str] = None) -> None:
-    print(f"{prog or 'megatron-moe-ext'}: error: {message}", file=sys.stderr)
+def exit_with(error: Exception, prog: str = "megatron-moe-ext") -> None:
+    """Print `prog: error: <sentence>` on stderr and exit 2, as argparse does."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def check_with_megatron(cfg: MoEExtConfig, a: Any) -> None:
+    """The checks that need Megatron's settings (`a`: its args; TransformerConfig attribute names).
+    Raises MoEExtConfigError with one sentence naming the flags."""
+    num_experts = getattr(a, "num_experts", None)
+    topk = getattr(a, "moe_router_topk", 2)
+    ep = getattr(a, "expert_model_parallel_size", 1) or 1
+    world = getattr(a, "world_size", 1) or 1
+    rpn = cfg.resolved_ranks_per_node(world)
+    if cfg.ranks_per_node is not None and ep % rpn != 0 and rpn % ep != 0:
+        raise MoEExtConfigError(
+            f"--moe-ranks-per-node {rpn} and --expert-model-parallel-size {ep} do not tile: "
+            "one must divide the other so that EP ranks map onto whole nodes.")
+    if num_experts is None and (cfg.router_policy != "topk" or cfg.scmoe != "off"):
+        what = f"--moe-router-policy {cfg.router_policy}" if cfg.router_policy != "topk" else f"--moe-scmoe {cfg.scmoe}"
+        raise MoEExtConfigError(f"{what} needs an MoE model; set --num-experts.")
+    if num_experts is None:
+        return
+    from megatron_moe_ext.mcore.router import policy_router_problem
+    from megatron_moe_ext.routing.topology import EPTopology
+
+    topology = EPTopology(num_experts, ep, ep)
+    problems = []
+    if cfg.router_policy != "topk" or cfg.scmoe == "dgmoe":  # a PolicyRouter will be built
+        problems.append(policy_router_problem(a, cfg.router_policy))
+    if cfg.router_policy == "c2r":
+        _check_c2r(cfg, topology, topk)
+    if cfg.router_policy in ("locmoe", "locmoe-plus"):
+        _check_locmoe(cfg, a, num_experts, ep, rpn)
+    if cfg.dedup_dispatch:
+        from megatron_moe_ext.mcore.dispatch import dedup_problem
+
+        problems.append(dedup_problem(a))
+    if cfg.scmoe != "off":
+        from megatron_moe_ext.mcore.scmoe_spec import scmoe_problem
+
+        problems.append(scmoe_problem(cfg.scmoe, a, topk))
+    if cfg.expert_backend is not None:
+        from megatron_moe_ext.experts import expert_backend_problem
+
+        problems.append(expert_backend_problem(cfg.expert_backend, a))
+    for problem in problems:
+        if problem:
+            raise MoEExtConfigError(problem)
+
+
+def check_paths(cfg: MoEExtConfig) -> None:
+    """Output paths usable before anything starts (a crash after the last iteration loses the run)."""
+    if cfg.profile_collaboration and os.path.exists(os.path.join(cfg.profile_collaboration, "profile.json")):
+        raise MoEExtConfigError(
+            f"--moe-profile-collaboration {cfg.profile_collaboration} already holds a profile.json; "
+            "choose an empty folder so that no profile is overwritten.")
+
+
+def _check_c2r(cfg: MoEExtConfig, topology, topk: int) -> None:
+    from megatron_moe_ext.routing.policies.c2r import resolve_top_t
+
+    if cfg.c2r_plan:
+        from megatron_moe_ext.files.plan import PlanError, load_plan
+
+        try:
+            plan = load_plan(cfg.c2r_plan, num_experts=topology.num_experts, ep_size=topology.ep_size,
+                             topk=topk)
+        except PlanError as e:
+            raise MoEExtConfigError(f"--moe-c2r-plan {e}") from None
+        if cfg.c2r_top_t is not None and cfg.c2r_top_t != plan.top_t:
+            raise MoEExtConfigError(f"--moe-c2r-top-t {cfg.c2r_top_t} differs from the plan's "
+                                    f"top_t {plan.top_t} ({cfg.c2r_plan}); drop the flag.")
+        return
+    try:
+        T = resolve_top_t(cfg.c2r_top_t, topology, topk)
+    except ValueError as e:
+        raise MoEExtConfigError(str(e)) from None
+    per_rank = topology.experts_per_rank
+    if cfg.c2r_warmup_steps and T > per_rank - 1:
+        raise MoEExtConfigError(
+            f"--moe-c2r-warmup-steps derives partners among co-resident experts, at most "
+            f"{per_rank - 1} here; lower --moe-c2r-top-t to {per_rank - 1} or less.")
+
+
+def _check_locmoe(cfg: MoEExtConfig, a: Any, num_experts: int, ep: int, rpn: int) -> None:
+    if cfg.router_policy == "locmoe-plus" and getattr(a, "moe_expert_capacity_factor", None) is None:
+        raise MoEExtConfigError(
+            "--moe-router-policy locmoe-plus gives tokens fewer than k experts, which Megatron's "
+            "dispatchers handle only on the capacity path; set --moe-expert-capacity-factor "
+            "(for example 1.0).")
+    if cfg.locmoe_capacity == "bound" and getattr(a, "moe_expert_capacity_factor", None) is None:
+        raise MoEExtConfigError(
+            "--moe-locmoe-capacity bound drops tokens through Megatron's capacity path, which "
+            "needs --moe-expert-capacity-factor (the upper clamp, for example 1.25).")
+    hidden = getattr(a, "hidden_size", None)
+    if hidden is not None and hidden % num_experts:
+        raise MoEExtConfigError(
+            f"--moe-router-policy locmoe starts its gate from GrAP, which needs --hidden-size "
+            f"{hidden} divisible by --num-experts {num_experts}.")
+    if rpn >= ep * max(1, getattr(a, "tensor_model_parallel_size", 1) or 1) and cfg.locmoe_mu > 0:
+        warnings.warn("--moe-router-policy locmoe: all EP ranks share one node (--moe-ranks-per-node), "
+                      "so every expert is local and the locality loss is constant.")

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from megatron_moe_ext.files.plan import Plan, PlanError, load_plan, save_plan
-from megatron_moe_ext.routing.c2r import c2r_select
 from megatron_moe_ext.routing.collaboration import (
     coactivation_counts,
     default_partner_lists,
@@ -20,6 +19,8 @@ from megatron_moe_ext.routing.placement import (
     intra_rank_fraction,
     random_placement,
 )
+from megatron_moe_ext.routing.policies.c2r import c2r_select
+from megatron_moe_ext.routing.topology import EPTopology
 
 
 def test_coactivation_counts_hand_case():
@@ -61,7 +62,7 @@ def test_c2r_select_matches_reference(E, k, T):
 def test_all_partners_is_plain_topk():
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(1000, 32, generator=g)
-    for partners in (default_partner_lists(32, 4, 31), partner_lists(torch.rand(32, 32, generator=g), 31)):
+    for partners in (default_partner_lists(EPTopology(32, 4, 4), 31), partner_lists(torch.rand(32, 32, generator=g), 31)):
         got = c2r_select(scores, 4, partners).sort(1).values
         assert torch.equal(got, scores.topk(4, dim=1).indices.sort(1).values)
 
@@ -69,11 +70,11 @@ def test_all_partners_is_plain_topk():
 def test_default_partners_keep_tokens_on_one_rank_up_to_L_minus_1():
     E, ep = 64, 8
     L = E // ep
-    p = default_partner_lists(E, ep, L - 1)
+    p = default_partner_lists(EPTopology(E, ep, ep), L - 1)
     rank = torch.arange(E) // L
     assert torch.equal(rank[p], rank.unsqueeze(1).expand(-1, L - 1))
     # beyond L-1, the next partner is on the next rank (cyclic)
-    p2 = default_partner_lists(E, ep, L)
+    p2 = default_partner_lists(EPTopology(E, ep, ep), L)
     assert torch.equal(rank[p2[:, -1]], (rank + 1) % ep)
     scores = torch.randn(2000, E)
     chosen = c2r_select(scores, 4, p)
@@ -128,7 +129,7 @@ def test_placement_recovers_planted_blocks():
 
 
 def _plan(E=8, ep=2, T=3):
-    return Plan(E, ep, T, True, {1: torch.arange(E)}, {1: default_partner_lists(E, ep, T)})
+    return Plan(E, ep, T, True, {1: torch.arange(E)}, {1: default_partner_lists(EPTopology(E, ep, ep), T)})
 
 
 def test_plan_round_trip_and_mismatches(tmp_path):

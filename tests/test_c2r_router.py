@@ -76,9 +76,11 @@ def test_warmup_freezes_co_resident_partners_and_state_dict_carries_them(megatro
     ext = MoEExtConfig(router_policy="c2r", c2r_top_t=2, c2r_warmup_steps=3)
     _, ours = _make(megatron_cpu, ext)
     before = ours.c2r_partners.clone()
-    for step in range(6):  # 3 iterations x 2 micro-batches
-        assert ours.c2r_active.item() == 0
-        ours(torch.randn(40, 1, 16))
+    for iteration in (1, 2, 3):  # 3 iterations x 2 micro-batches
+        for _ in range(nmc.get_num_microbatches()):
+            assert ours.c2r_active.item() == 0
+            ours(torch.randn(40, 1, 16))
+        ours.on_iteration_end(iteration)  # the training loop's once-per-step hook
     assert ours.c2r_active.item() == 1
     assert not torch.equal(before, ours.c2r_partners)  # profiled, not the default order
     sd = ours.state_dict()

@@ -59,7 +59,40 @@ def test_trace_round_trip(tmp_path, capsys):
     assert out["remote_rows_per_token"] == 0.0 and out["distinct_ranks_per_token"] == 1.0
 
 
+def test_locmoe_plus_routes_offline_within_capacity(capsys):
+    out = _json(capsys, "--policy", "locmoe-plus", "--experts", "16", "--topk", "2", "--ep", "4",
+                "--tokens", "4096", "--tau", "0.5", "--capacity-factor", "0.5")
+    # token choice proposes at most k; expert choice keeps at most half the k-per-token capacity
+    assert 0 < out["rows_per_token"] <= 0.5 * 2 + 1e-9
+
+
+def test_offline_selection_ranks_what_training_ranked(tmp_path, capsys):
+    """A trace of a sigmoid router with expert bias: offline top-k ranks sigmoid + bias, as
+    training did, not the raw logits."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(200, 8, generator=g)
+    bias = torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0])  # training always chose experts 0 and 1 (rank 0)
+    for rank in (0, 1):
+        save_trace(trace_path(tmp_path, 1, rank),
+                   {1: {"logits": logits, "score_function": "sigmoid", "pre_softmax": False,
+                        "expert_bias": bias}},
+                   iteration=1, num_experts=8, topk=2, ep_size=2, ep_rank=rank, ep_ranks_per_node=1)
+    out = _json(capsys, "--trace", str(tmp_path))
+    # every token goes to rank 0 only: rank 0's tokens stay, rank 1's send both rows away
+    layer = out["layers"]["1"]
+    assert layer["distinct_ranks_per_token"] == 1.0 and layer["remote_rows_per_token"] == 1.0
+    # ranking the raw logits instead would spread tokens over both ranks
+    assert out["stock_rows_per_token"] == 2.0
+
+
 @pytest.mark.parametrize("argv, flag", [
+    (["--experts", "0"], "--experts"),
+    (["--experts", "8", "--topk", "0", "--ep", "2"], "--topk"),
+    (["--ep", "0"], "--ep"),
+    (["--ranks-per-node", "0"], "--ranks-per-node"),
+    (["--policy", "topk", "--top-t", "3"], "--top-t"),
+    (["--policy", "locmoe", "--local-bias", "nan"], "--local-bias"),
+    (["--skew", "nan"], "--skew"),
     (["--experts", "60", "--ep", "8"], "--experts"),
     (["--experts", "8", "--topk", "9", "--ep", "2"], "--topk"),
     (["--experts", "64", "--ep", "8", "--ranks-per-node", "3"], "--ranks-per-node"),

@@ -60,6 +60,14 @@ def test_defaults_round_trip_from_flags():
     (["--moe-expert-backend", "torch"], {"delay_wgrad_compute": True}, "--delay-wgrad-compute"),
     (["--routing-trace-interval", "5"], {}, "--save-routing-trace"),
     (["--routing-trace-interval", "-1", "--save-routing-trace", "d"], {}, "--routing-trace-interval"),
+    (["--moe-dedup-dispatch"], {"transformer_impl": "inference_optimized"}, "--transformer-impl"),
+    (["--moe-router-policy", "locmoe-plus"], {"moe_expert_capacity_factor": 1.0,
+                                              "moe_enable_routing_replay": True}, "--moe-enable-routing-replay"),
+    (["--moe-router-policy", "c2r"], {"moe_router_num_groups": 2, "moe_router_group_topk": 1},
+     "--moe-router-num-groups"),
+    (["--moe-router-policy", "locmoe", "--moe-locmoe-mu", "nan"], {}, "--moe-locmoe-mu"),
+    (["--moe-router-policy", "locmoe", "--moe-locmoe-local-bias", "inf"], {}, "--moe-locmoe-local-bias"),
+    (["--moe-scmoe", "pos1"], {"num_experts": None}, "--num-experts"),
 ])
 def test_invalid_combinations_name_the_flag(flags, megatron, flag_named):
     with pytest.raises(MoEExtConfigError) as err:
@@ -69,14 +77,31 @@ def test_invalid_combinations_name_the_flag(flags, megatron, flag_named):
     assert msg.count(". ") == 0 and msg.endswith("."), "one sentence"
 
 
+def test_flags_are_generated_from_the_config_fields():
+    """Each MoEExtConfig field is one flag whose help is the field's docstring."""
+    import dataclasses
+
+    from megatron_moe_ext.config import flag_attr, flag_name
+
+    parser = add_moe_ext_args(argparse.ArgumentParser())
+    actions = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(MoEExtConfig):
+        a = actions[flag_attr(f)]
+        assert flag_name(f) in a.option_strings
+        assert a.default == f.default and a.help and a.help[0].isupper(), f.name
+    assert actions["moe_router_policy"].choices == ("topk", "c2r", "locmoe", "locmoe-plus")
+    assert "--no-moe-ext-metrics" in actions["moe_ext_metrics"].option_strings
+
+
 def test_c2r_plan_mismatch_names_the_file(tmp_path):
     import torch
 
     from megatron_moe_ext.files.plan import Plan, save_plan
     from megatron_moe_ext.routing.collaboration import default_partner_lists
+    from megatron_moe_ext.routing.topology import EPTopology
 
     path = save_plan(tmp_path / "plan.json", Plan(8, 2, 3, True, {1: torch.arange(8)},
-                                                   {1: default_partner_lists(8, 2, 3)}),
+                                                   {1: default_partner_lists(EPTopology(8, 2, 2), 3)}),
                      report={}, profile="-")
     ok = moe_ext_config_from_args(_parse("--moe-router-policy", "c2r", "--moe-c2r-plan", str(path)))
     assert ok.c2r_plan == str(path)

@@ -14,14 +14,20 @@ from megatron_moe_ext.routing.locality import (
     grap_gate_weight,
     locality_loss,
     localized_distribution,
-    node_local_expert_mask,
 )
+from megatron_moe_ext.routing.topology import EPTopology
+
+
+def _stats(router):
+    from megatron_moe_ext.mcore.router import STAT_FIELDS
+
+    return dict(zip(STAT_FIELDS, router.take_statistics().tolist()))
 
 
 def test_node_local_mask():
     # 8 experts, EP 4 (2 per rank), 2 EP ranks per node: rank 3 is on node 1 = ranks {2, 3}
-    assert node_local_expert_mask(8, 4, 3, 2).tolist() == [False] * 4 + [True] * 4
-    assert node_local_expert_mask(8, 4, 0, 4).all()
+    assert EPTopology(8, 4, 2).node_local_mask(3).tolist() == [False] * 4 + [True] * 4
+    assert EPTopology(8, 4, 4).node_local_mask(0).all()
 
 
 def test_locality_loss_hand_computed():
@@ -39,7 +45,7 @@ def test_locality_loss_hand_computed():
 def test_locality_loss_pushes_mass_to_local_experts_and_is_finite():
     torch.manual_seed(0)
     logits = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
-    local = node_local_expert_mask(8, 2, 0, 1)
+    local = EPTopology(8, 2, 1).node_local_mask(0)
     loss = locality_loss(torch.softmax(logits, -1), local, eps=1e-6)
     assert torch.isfinite(loss)
     loss.backward()
@@ -119,7 +125,8 @@ def test_locmoe_router_on_megatron(megatron_cpu):
         probs.sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all()
         # EP=1: every expert is local, KL(D_c || uniform) >= 0 is recorded
-        assert r.locality_kl_sum[1] == 1 and r.locality_kl_sum[0] >= 0
+        st = _stats(r)
+        assert st["locality_kl_count"] == 1 and st["locality_kl_sum"] >= 0
 
 
 def test_capacity_bound_drops_through_megatron_capacity_path(megatron_cpu):
@@ -140,11 +147,13 @@ def test_capacity_bound_drops_through_megatron_capacity_path(megatron_cpu):
     r.set_layer_number(1)
     r.train()
     probs, rmap = r(torch.randn(64, 1, 16))
-    factor = float(r.capacity_stats[0])
-    assert r.capacity_stats[1] == 1 and 0 < factor <= 1.25
+    st = _stats(r)
+    factor = st["capacity_factor_sum"]
+    assert st["capacity_factor_count"] == 1 and 0 < factor <= 1.25
     capacity = math.ceil(64 * 2 / 8 * factor)
     assert (rmap.sum(0) <= capacity).all()
     assert rmap.sum() < 64 * 2  # with d=16 the bound is small: tokens are dropped
+    r.on_iteration_end(1)  # the estimate advances once per optimizer step, not per forward
     assert 0 < r.locmoe_delta.item() < 1
 
 
@@ -216,12 +225,14 @@ def test_locmoe_plus_router_truncates_and_logs(megatron_cpu, monkeypatch):
     assert (rmap.sum(0) <= capacity).all() and (rmap.sum(1) <= 2).all()
     assert torch.equal(probs != 0, rmap)
     dropped = float((rmap.sum(1) == 0).sum())
-    assert r.plus_stats[0] == dropped > 0 and r.plus_stats[1] == 64
+    st = _stats(r)
+    assert st["dropped_tokens"] == dropped > 0 and st["routed_tokens"] == 64
     probs.sum().backward()
     assert torch.isfinite(x.grad).all()
     # re-estimation: at d=16 the resonance bound is tiny, so the capacity falls to it
     ext.locmoe_plus_reestimate_interval = 2
     r(torch.randn(64, 1, 16))
+    r.on_iteration_end(2)
     assert r.resonance_capacity is not None and 1 <= r.resonance_capacity <= capacity
 
 
@@ -305,12 +316,14 @@ def test_local_bias_waits_for_its_warmup(megatron_cpu):
         r.eval()
         with torch.no_grad():
             r(x)
-        assert int(r.locmoe_bias_forwards) == 0
+        assert int(r.locmoe_bias_on) == 0
         r.train()
-        for _ in range(2 * nmc.get_num_microbatches()):
-            _, rmap = r(x)
-            assert torch.equal(rmap.nonzero()[:, 1].view(-1, 2).sort(1).values, unbiased)
-        assert "locmoe_bias_forwards" in r.state_dict()
+        for iteration in (1, 2):
+            for _ in range(nmc.get_num_microbatches()):
+                _, rmap = r(x)
+                assert torch.equal(rmap.nonzero()[:, 1].view(-1, 2).sort(1).values, unbiased)
+            r.on_iteration_end(iteration)  # the training loop's once-per-step hook
+        assert "locmoe_bias_on" in r.state_dict()
         _, rmap = r(x)
     finally:
         nmc.destroy_num_microbatches_calculator()
@@ -325,19 +338,24 @@ def test_offline_locmoe_policy_picks_what_the_biased_router_picks(megatron_cpu):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
     from megatron_moe_ext.mcore.router import LocMoERouter
-    from megatron_moe_ext.routing.policies import PolicyContext, locmoe_policy
+    from megatron_moe_ext.routing.policies.locmoe import offline_route
+    from megatron_moe_ext.routing.policies.offline import OfflineContext
+    from megatron_moe_ext.routing.scores import indices_to_map
+
+    def locmoe_policy(logits, k, bias):
+        return offline_route(logits, k, OfflineContext(EPTopology(8, 2, 1), src, {"local_bias": bias}))
 
     cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2)
     ext = MoEExtConfig(router_policy="locmoe", locmoe_local_bias=0.3)
     r = functools.partial(LocMoERouter, ext_cfg=ext)(config=cfg, pg_collection=get_default_pg_collection())
     logits = torch.randn(512, 8)
     src = torch.cat([torch.zeros(256, dtype=torch.long), torch.ones(256, dtype=torch.long)])
-    pairs = node_local_expert_mask(8, 2, src, 1)   # EP 2, one rank per node: experts 0-3 | 4-7
+    pairs = EPTopology(8, 2, 1).node_local_mask(src)   # EP 2, one rank per node: experts 0-3 | 4-7
     assert pairs[:256, :4].all() and not pairs[:256, 4:].any() and pairs[256:, 4:].all()
-    offline = locmoe_policy(logits, 2, PolicyContext(8, 2, 1, src, options={"local_bias": 0.3}))
+    offline = locmoe_policy(logits, 2, 0.3)
     for rank, rows in ((0, slice(0, 256)), (1, slice(256, 512))):
         r.locality_mask.copy_(pairs[rows][0])      # the router on that rank
         online = r.select_indices(r.selection_scores(logits[rows]))
-        assert torch.equal(online.sort(1).values, offline[rows].sort(1).values)
-    unbiased = locmoe_policy(logits, 2, PolicyContext(8, 2, 1, src, options={"local_bias": 0.0}))
+        assert torch.equal(indices_to_map(online, 8), offline[rows])
+    unbiased = locmoe_policy(logits, 2, 0.0)
     assert (offline != unbiased).any()

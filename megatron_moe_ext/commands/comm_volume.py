@@ -1,10 +1,11 @@
 """`megatron-moe-ext comm-volume`: all-to-all rows a routing policy sends, offline and deterministic.
 
 Logits are synthetic (seeded) or come from a routing trace recorded in training
-(`--save-routing-trace`). The policy picks experts; `metrics.py` counts what the dispatcher sends
-(one row per token-expert pair for Megatron's alltoall, one per token-rank pair with `--dedup`),
-of which remote and inter-node, beside what stock top-k with the stock dispatcher sends for the
-same logits.
+(`--save-routing-trace`). The policy picks experts from the scores training ranked (the trace
+records the score function and the expert bias); `routing/volume.py` counts what the dispatcher
+sends (one row per token-expert pair for Megatron's alltoall, one per token-rank pair with
+`--dedup`), of which remote and inter-node, beside what stock top-k with the stock dispatcher
+sends for the same logits.
 
 Synthetic logits: standard normal per (token, expert) plus a per-expert popularity offset with
 standard deviation `--skew` (0 = uniform experts). The T tokens start on the EP ranks in equal
@@ -15,26 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from pathlib import Path
 from typing import Dict, List
 
-import torch
-
 from megatron_moe_ext.errors import UserError
-from megatron_moe_ext.files.trace import load_trace
-from megatron_moe_ext.routing.policies import (
-    ROUTING_POLICIES,
-    PolicyContext,
-    indices_to_map,
-    topk_policy,
-)
-from megatron_moe_ext.routing.volume import dispatch_counts, volume_from_counts
+from megatron_moe_ext.routing.policies import POLICIES, get_policy
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "comm-volume", help="All-to-all rows per token that a routing policy sends (offline).",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", default="topk", choices=sorted(ROUTING_POLICIES))
+    p.add_argument("--policy", default="topk", choices=list(POLICIES))
     p.add_argument("--experts", type=int, help="number of experts (default: the trace's, else 64)")
     p.add_argument("--topk", type=int, help="experts per token (default: the trace's, else 4)")
     p.add_argument("--ep", type=int, help="expert-parallel size (default: the trace's, else 8)")
@@ -49,38 +43,68 @@ def register(subparsers) -> None:
     p.add_argument("--hidden", type=int, help="hidden size, to report bytes")
     p.add_argument("--bytes-per-element", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    for policy in ROUTING_POLICIES.values():
-        if policy.add_args:
-            policy.add_args(p)
+    for policy in POLICIES.values():  # each policy's own options, from the registry
+        for o in policy.offline_options:
+            p.add_argument(f"--{o.flag}", type=o.type, default=None, metavar=o.metavar,
+                           help=f"{o.help} (default {o.default})")
     p.set_defaults(func=run)
 
 
+def _check_options(ns) -> Dict[str, object]:
+    """The chosen policy's options (defaults filled in); another policy's option is refused."""
+    options = {}
+    for policy in POLICIES.values():
+        for o in policy.offline_options:
+            value = getattr(ns, o.flag.replace("-", "_"))
+            if policy.name != ns.policy:
+                if value is not None:
+                    raise UserError(f"--{o.flag} applies to --policy {policy.name} only; add "
+                                    f"--policy {policy.name} or drop the flag.")
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{o.flag} must be a finite number, got {value}.")
+            options[o.flag.replace("-", "_")] = o.default if value is None else value
+    return options
+
+
 def run(ns: argparse.Namespace) -> int:
+
+    from megatron_moe_ext.routing.policies.offline import OfflineContext
+    from megatron_moe_ext.routing.policies.topk import offline_route as topk_route
+    from megatron_moe_ext.routing.scores import selection_scores
+    from megatron_moe_ext.routing.volume import dispatch_counts
+
+    options = _check_options(ns)
     try:
         layers, meta = _load_inputs(ns)
     except ValueError as e:
         raise UserError(str(e)) from None
-    E, k, ep, rpn = meta["experts"], meta["topk"], meta["ep"], meta["ranks_per_node"]
-    policy = ROUTING_POLICIES[ns.policy]
+    topo = meta["topology"]
+    k = meta["topk"]
+    if options.get("plan"):
+        from megatron_moe_ext.files.plan import load_plan
+
+        options["plan"] = load_plan(options["plan"], num_experts=topo.num_experts,
+                                    ep_size=topo.ep_size, topk=k)
+    route = get_policy(ns.policy).offline_route()
     per_layer: Dict[str, Dict] = {}
     total = total_stock = None
-    for layer, (logits, src) in layers.items():
-        ctx = PolicyContext(E, ep, rpn, src, options=vars(ns), layer=layer)
+    for layer, (logits, src, scoring, affinity) in layers.items():
+        scores = selection_scores(logits, **scoring)
+        ctx = OfflineContext(topo, src, options=options, layer=layer, affinity=affinity)
         try:
-            chosen = policy.select(logits, k, ctx)
-        except ValueError as e:  # PlanError included
+            chosen = route(scores, k, ctx)
+        except ValueError as e:
             raise UserError(str(e)) from None
-        stock = topk_policy(logits, k, ctx)
-        counts = dispatch_counts(indices_to_map(chosen, E), ep_size=ep, ep_ranks_per_node=rpn,
-                                 src_ep_rank=src)
-        stock_counts = dispatch_counts(indices_to_map(stock, E), ep_size=ep,
-                                       ep_ranks_per_node=rpn, src_ep_rank=src)
+        kw = dict(ep_size=topo.ep_size, ep_ranks_per_node=topo.ranks_per_node, src_ep_rank=src)
+        counts = dispatch_counts(chosen, **kw)
+        stock_counts = dispatch_counts(topk_route(scores, k, ctx), **kw)
         total = counts if total is None else total + counts
         total_stock = stock_counts if total_stock is None else total_stock + stock_counts
         if meta["from_trace"]:
             per_layer[str(layer)] = _figures(counts, stock_counts, ns)
-    out = {"policy": ns.policy, "dedup": ns.dedup, "experts": E, "topk": k, "ep": ep,
-           "ranks_per_node": rpn, "tokens": int(total[0].item()),
+    out = {"policy": ns.policy, "dedup": ns.dedup, "experts": topo.num_experts, "topk": k,
+           "ep": topo.ep_size, "ranks_per_node": topo.ranks_per_node, "tokens": int(total[0].item()),
            "source": meta["source"], **_figures(total, total_stock, ns)}
     if per_layer:
         out["layers"] = per_layer
@@ -91,7 +115,9 @@ def run(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _figures(counts: torch.Tensor, stock_counts: torch.Tensor, ns) -> Dict:
+def _figures(counts, stock_counts, ns) -> Dict:
+    from megatron_moe_ext.routing.volume import volume_from_counts
+
     v = volume_from_counts(counts, dedup=ns.dedup, hidden_size=ns.hidden,
                            bytes_per_element=ns.bytes_per_element)
     s = volume_from_counts(stock_counts, dedup=False)
@@ -108,27 +134,54 @@ def _figures(counts: torch.Tensor, stock_counts: torch.Tensor, ns) -> Dict:
     return fig
 
 
+def _positive(flag: str, value, default):
+    """A count flag: None means "not given" (0 is a value, and refused)."""
+    if value is None:
+        return default
+    if value < 1:
+        raise ValueError(f"{flag} must be a positive count, got {value}.")
+    return value
+
+
 def _load_inputs(ns):
-    """-> ({layer: (logits [T, E], src_ep_rank [T])}, meta) after validating the flags."""
+    """-> ({layer: (logits [T, E], src_ep_rank [T], scoring kwargs, affinity or None)}, meta)
+    after validating the flags."""
+    import torch
+
+    from megatron_moe_ext.routing.topology import EPTopology
+
+    if not math.isfinite(ns.skew):
+        raise ValueError(f"--skew must be a finite number, got {ns.skew}.")
+    for flag, v in (("--experts", ns.experts), ("--topk", ns.topk), ("--ep", ns.ep),
+                    ("--ranks-per-node", ns.ranks_per_node), ("--hidden", ns.hidden)):
+        _positive(flag, v, None)
     if ns.trace:
+        from megatron_moe_ext.files.trace import load_trace
+
         tr = load_trace(ns.trace)
         for flag, given, have in (("--experts", ns.experts, tr.num_experts), ("--ep", ns.ep, tr.ep_size)):
             if given is not None and given != have:
                 raise ValueError(f"{flag} {given} does not match the trace's {have} ({tr.files[0]}).")
-        E, ep = tr.num_experts, tr.ep_size
-        k = ns.topk or tr.topk
-        rpn = ns.ranks_per_node or tr.ep_ranks_per_node
-        layers = {layer: (tr.logits[layer], tr.src_ep_rank[layer]) for layer in tr.logits}
+        ranks = {int(r) for v in tr.src_ep_rank.values() for r in v.unique().tolist()}
+        if Path(ns.trace).is_dir() and ranks != set(range(tr.ep_size)):
+            missing = sorted(set(range(tr.ep_size)) - ranks)
+            raise ValueError(f"--trace {ns.trace} holds no file for EP rank(s) {missing} of its "
+                             f"{tr.ep_size}; record the trace on every rank or pass one rank's file.")
+        E, ep, k = tr.num_experts, tr.ep_size, _positive("--topk", ns.topk, tr.topk)
+        rpn = _positive("--ranks-per-node", ns.ranks_per_node, tr.ep_ranks_per_node)
+        layers = {layer: (tr.logits[layer], tr.src_ep_rank[layer], tr.scoring[layer], tr.affinity[layer])
+                  for layer in tr.logits}
         source = f"trace:{ns.trace}"
     else:
-        E, k, ep = ns.experts or 64, ns.topk or 4, ns.ep or 8
-        rpn = ns.ranks_per_node or ep
+        E, k, ep = _positive("--experts", ns.experts, 64), _positive("--topk", ns.topk, 4), \
+            _positive("--ep", ns.ep, 8)
+        rpn = _positive("--ranks-per-node", ns.ranks_per_node, ep)
         source = f"synthetic(seed={ns.seed}, skew={ns.skew})"
-    if ep < 1 or E % ep:
+    if E % ep:
         raise ValueError(f"--experts {E} must divide evenly over --ep {ep}.")
-    if not 1 <= k <= E:
-        raise ValueError(f"--topk {k} must be between 1 and --experts {E}.")
-    if rpn < 1 or (ep % rpn and rpn % ep):
+    if k > E:
+        raise ValueError(f"--topk {k} must be at most --experts {E}.")
+    if ep % rpn and rpn % ep:
         raise ValueError(f"--ranks-per-node {rpn} and --ep {ep} do not tile: one must divide the other.")
     if not ns.trace:
         if ns.tokens < ep:
@@ -136,9 +189,8 @@ def _load_inputs(ns):
         g = torch.Generator().manual_seed(ns.seed)
         logits = torch.randn(ns.tokens, E, generator=g) + ns.skew * torch.randn(E, generator=g)
         src = torch.arange(ns.tokens) * ep // ns.tokens
-        layers = {0: (logits, src)}
-    meta = {"experts": E, "topk": k, "ep": ep, "ranks_per_node": rpn,
-            "from_trace": bool(ns.trace), "source": source}
+        layers = {0: (logits, src, {}, None)}
+    meta = {"topology": EPTopology(E, ep, rpn), "topk": k, "from_trace": bool(ns.trace), "source": source}
     return layers, meta
 
 

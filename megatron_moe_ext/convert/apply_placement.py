@@ -13,21 +13,19 @@ CPU tests and small GPU runs use; for very large checkpoints run it on a large-m
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch.distributed.checkpoint import DefaultSavePlanner
 
 from megatron_moe_ext.errors import UserError
-from megatron_moe_ext.files.plan import Plan, load_plan
+from megatron_moe_ext.files.plan import Plan, load_plan, write_placement_marker
 
-MARKER = "moe_ext_placement.json"
 # keys whose axis 1 is the expert axis (axis 0 = layer); optimizer states carry them as suffixes
 _EXPERT_AXIS_KEYS = re.compile(
     r"(^|\.)decoder\.layers\.mlp\.(experts\.experts\.linear_fc[12]\.(weight|bias)|"
@@ -81,9 +79,8 @@ def apply_placement(load: str, plan_path: str, save: str, *, drop_optimizer: boo
              planner=_RawBytesSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
     shutil.copy2(src / "metadata.json", dst / "metadata.json")
     (dst_root / "latest_checkpointed_iteration.txt").write_text(iteration)
-    (dst_root / MARKER).write_text(json.dumps({
-        "plan": str(Path(plan_path).resolve()), "plan_sha256": plan_sha256(plan_path),
-        "source": str(src), "moved_tensors": moved, "optimizer_dropped": drop_optimizer}, indent=1))
+    write_placement_marker(dst_root, plan_path, source=str(src), moved_tensors=moved,
+                           optimizer_dropped=drop_optimizer)
     return dst
 
 
@@ -105,10 +102,6 @@ def _raw_objects(src: Path, meta) -> Dict[str, io.BytesIO]:
                 f.seek(info.offset)
                 out[index.fqn] = io.BytesIO(f.read(info.length))
     return out
-
-
-def plan_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _check(plan: Plan, state: Dict, plan_path: str, src: Path) -> None:
@@ -147,20 +140,3 @@ def _permute(state: Dict, plan: Plan, drop_optimizer: bool) -> int:
             renamed[f"{m.group(1)}{layer}.{slot}_{m.group(4)}.{m.group(5)}"] = state.pop(key)
     state.update(renamed)
     return moved
-
-
-def check_plan_applied(load: Optional[str], plan_path: str) -> Optional[str]:
-    """None if training with `plan_path` from checkpoint `load` is consistent, else the reason.
-
-    A plan that moves experts needs a checkpoint re-placed by that very plan (apply-placement
-    leaves a marker); an identity plan (--keep-placement) needs nothing."""
-    plan = load_plan(plan_path)
-    if all(torch.equal(s, torch.arange(plan.num_experts)) for s in plan.expert_to_slot.values()):
-        return None
-    marker = Path(load) / MARKER if load else None
-    if marker is None or not marker.exists():
-        return (f"{plan_path} moves experts, but {load or 'no --load'} was not re-placed by it; run "
-                "`megatron-moe-ext apply-placement` first (or plan with --keep-placement).")
-    if json.loads(marker.read_text()).get("plan_sha256") != plan_sha256(plan_path):
-        return f"{load} was re-placed by a different plan than {plan_path}."
-    return None

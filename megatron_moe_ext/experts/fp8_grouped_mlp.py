@@ -10,9 +10,11 @@ Recipe (row-wise activations, per-expert weights; quantizers in fp8_quant.py):
            with the offsets along the token axis): per-token scales lie along the contraction
            axis of this product, so they cannot be factored out of it.
 Weights are quantized once per optimizer step, not per call: the quantization is cached per
-parameter under (storage, version, optimizer-step count), and every `torch.optim` optimizer's
-step (Megatron's included) advances the count through a global step hook, so gradient
-accumulation and activation recomputation reuse it.
+parameter under (storage, version, iteration), and the module's `on_iteration_end` (called once
+per optimizer step by the training loop, mcore/iteration.py) advances the iteration, so gradient
+accumulation and activation recomputation reuse it. The version catches in-place changes outside
+the loop (a plain torch optimizer, loading a checkpoint); Megatron's optimizer writes the weights
+through `.data` views that leave it unchanged, hence the iteration.
 
 Without an FP8-capable GPU `emulate=True` runs the same quantization with a float32 matmul (CPU
 tests); the default refuses with a sentence naming the fix.
@@ -24,21 +26,19 @@ import itertools
 from typing import Tuple
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from megatron_moe_ext.experts.fp8_quant import quantize_rows, quantize_weight
 from megatron_moe_ext.experts.grouped_mlp import TorchGroupedMLP, _looped_mm
+from megatron_moe_ext.mcore.iteration import IterationState
 
 _optimizer_steps = itertools.count()
 _current_step = [next(_optimizer_steps)]
 
 
 def new_optimizer_step(*_args) -> None:
-    """Invalidate every cached weight quantization (called after each optimizer step)."""
+    """Invalidate every cached weight quantization (after each optimizer step; benchmarks that
+    drive the layer without the training loop call it themselves)."""
     _current_step[0] = next(_optimizer_steps)
-
-
-register_optimizer_step_post_hook(lambda opt, args, kwargs: new_optimizer_step())
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -95,7 +95,7 @@ def _wgrad(grad_out: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch
     return torch.stack([grad_out[s:e].t() @ x[s:e] for s, e in zip(starts, ends)])
 
 
-class TorchFP8GroupedMLP(TorchGroupedMLP):
+class TorchFP8GroupedMLP(TorchGroupedMLP, IterationState):
     """TorchGroupedMLP with FP8 forward and dgrad GEMMs. `emulate`: quantize/dequantize and
     multiply in float32 (for CPUs and GPUs without FP8; the default refuses them)."""
 
@@ -103,6 +103,9 @@ class TorchFP8GroupedMLP(TorchGroupedMLP):
         super().__init__(*args, **kwargs)
         self.emulate = emulate
         self._weight_fp8 = {}
+
+    def on_iteration_end(self, iteration: int) -> None:
+        new_optimizer_step()
 
     def quantized_weight(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """weight [G, N, K] -> (q [G, N, K], qt [G, K, N], scale [G]), once per optimizer step."""

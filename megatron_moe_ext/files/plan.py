@@ -10,10 +10,15 @@ Plan (one JSON file):
 `partners` are indexed by *physical slot* (row = slot, entries = slots): after
 `apply-placement` moved expert e to slot expert_to_slot[e], router column j is slot j, and that
 is what the C2R router reads. Every check raises PlanError naming the file and the mismatch.
+
+Placement marker (`moe_ext_placement.json` in a checkpoint folder): which plan (path and sha256)
+put the checkpoint's experts in their slots: written by `apply-placement` and by a run trained
+with a plan, checked before training with a plan that moves experts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,3 +152,37 @@ def load_plan(path: Union[str, Path], *, num_experts: Optional[int] = None,
                             f"range; expected [{E}, {T}] slots.")
         slots[int(layer)], partners[int(layer)] = s, q
     return Plan(E, ep, T, bool(d["co_resident_only"]), slots, partners, str(p))
+
+
+MARKER = "moe_ext_placement.json"
+
+
+def plan_sha256(path: Union[str, Path]) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_placement_marker(checkpoint_dir: Union[str, Path], plan_path: Union[str, Path], **extra) -> Path:
+    """Record in `checkpoint_dir` that its experts sit where `plan_path` put them."""
+    d = Path(checkpoint_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / MARKER
+    path.write_text(json.dumps({"plan": str(Path(plan_path).resolve()), "plan_sha256": plan_sha256(plan_path),
+                                **extra}, indent=1))
+    return path
+
+
+def check_plan_applied(load: Optional[str], plan_path: str) -> Optional[str]:
+    """None if training with `plan_path` from checkpoint `load` is consistent, else the reason.
+
+    A plan that moves experts needs a checkpoint re-placed by that very plan (apply-placement
+    leaves a marker); an identity plan (--keep-placement) needs nothing."""
+    plan = load_plan(plan_path)
+    if all(torch.equal(s, torch.arange(plan.num_experts)) for s in plan.expert_to_slot.values()):
+        return None
+    marker = Path(load) / MARKER if load else None
+    if marker is None or not marker.exists():
+        return (f"{plan_path} moves experts, but {load or 'no --load'} was not re-placed by it; run "
+                "`megatron-moe-ext apply-placement` first (or plan with --keep-placement).")
+    if json.loads(marker.read_text()).get("plan_sha256") != plan_sha256(plan_path):
+        return f"{load} was re-placed by a different plan than {plan_path}."
+    return None

@@ -9,8 +9,10 @@ expert outputs before the combine all-to-all, and the sender sums over ranks. Fo
 gradients equal the stock dispatcher's up to float rounding (tests/test_dedup_dispatch.py).
 
 Supported: any router (it reads only probs and routing_map), token dropping with a capacity
-factor. Not supported (clear error at construction): expert tensor parallelism > 1, padding to
-capacity, router padding for quantization, shared-expert overlap.
+factor. Not supported (`dedup_problem`, checked at argument parsing and again at construction):
+another dispatcher type, expert tensor parallelism > 1, padding to capacity, router padding for
+quantization, shared-expert overlap, the inference-optimized transformer implementation (its MoE
+layer is not a MoELayer the spec can swap).
 """
 
 from __future__ import annotations
@@ -30,20 +32,35 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 from megatron_moe_ext.routing.dedup import local_slices, rank_rows
 
 
+def dedup_problem(settings) -> Optional[str]:
+    """The sentence refusing a setting DedupAlltoAllTokenDispatcher does not support, or None.
+    `settings`: Megatron's args or TransformerConfig (the same attribute names)."""
+    get = lambda name, default=None: getattr(settings, name, default)  # noqa: E731
+    if get("moe_token_dispatcher_type", "alltoall") != "alltoall":
+        return ("--moe-dedup-dispatch replaces the alltoall dispatcher; set "
+                "--moe-token-dispatcher-type alltoall.")
+    if get("transformer_impl") == "inference_optimized":
+        return ("--moe-dedup-dispatch does not apply to --transformer-impl inference_optimized, whose "
+                "MoE layer keeps its own dispatcher; use transformer_engine or local.")
+    for bad, flag in ((get("expert_tensor_parallel_size") not in (None, 1), "--expert-tensor-parallel-size > 1"),
+                      (get("moe_pad_expert_input_to_capacity"), "--moe-pad-expert-input-to-capacity"),
+                      (get("moe_router_padding_for_quantization"), "--moe-router-padding-for-quantization"),
+                      (get("moe_shared_expert_overlap"), "--moe-shared-expert-overlap")):
+        if bad:
+            return f"--moe-dedup-dispatch does not support {flag} yet; drop one of them."
+    return None
+
+
 class DedupAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """MoEAlltoAllTokenDispatcher with one row per (token, destination rank) each way."""
 
     def __init__(self, num_local_experts: int, local_expert_indices: List[int], config,
                  pg_collection=None) -> None:
+        problem = dedup_problem(config)
+        if problem:
+            raise ValueError(problem)
         super().__init__(num_local_experts, local_expert_indices, config=config,
                          pg_collection=pg_collection)
-        unsupported = [(self.tp_size > 1, "--expert-tensor-parallel-size > 1"),
-                       (self.drop_and_pad, "--moe-pad-expert-input-to-capacity"),
-                       (config.moe_router_padding_for_quantization,
-                        "--moe-router-padding-for-quantization")]
-        for bad, flag in unsupported:
-            if bad:
-                raise ValueError(f"--moe-dedup-dispatch does not support {flag} yet; drop one of them.")
 
     def set_shared_experts(self, shared_experts):
         raise ValueError("--moe-dedup-dispatch does not support --moe-shared-expert-overlap yet; "
@@ -114,13 +131,15 @@ class DedupMoELayer(MoELayer):
 
     def __init__(self, config, submodules=None, layer_number: Optional[int] = None,
                  pg_collection=None, is_mtp_layer: bool = False, name: Optional[str] = None):
-        if config.moe_token_dispatcher_type != "alltoall":
-            raise ValueError("--moe-dedup-dispatch replaces the alltoall dispatcher; set "
-                             "--moe-token-dispatcher-type alltoall.")
+        problem = dedup_problem(config)
+        if problem:
+            raise ValueError(problem)
+        # resolved once, as MoELayer would, so that both dispatchers share the layer's groups
+        pg_collection = pg_collection or get_default_pg_collection()
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection,
                          is_mtp_layer=is_mtp_layer, name=name)
         self.token_dispatcher = DedupAlltoAllTokenDispatcher(
             self.num_local_experts, self.local_expert_indices, config=config,
-            pg_collection=pg_collection or get_default_pg_collection())
+            pg_collection=pg_collection)
         if getattr(self, "shared_expert_overlap", False):
             self.token_dispatcher.set_shared_experts(self.shared_experts)

@@ -13,16 +13,18 @@ import math
 from typing import Dict, List, Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_moe_ext.config import MoEExtConfig
 from megatron_moe_ext.files.plan import save_profile
 from megatron_moe_ext.files.trace import save_trace, trace_path
+from megatron_moe_ext.mcore.router import STAT_FIELDS, PolicyRouter
 from megatron_moe_ext.routing.collaboration import (
     coactivation_counts,
     specialization_metrics,
 )
+from megatron_moe_ext.routing.topology import EPTopology
 from megatron_moe_ext.routing.volume import (
     NUM_FIELDS,
     dispatch_counts,
@@ -36,17 +38,16 @@ _SCALARS = ("rows_per_token", "remote_rows_per_token", "inter_node_rows_per_toke
 class MoEMetricsRecorder:
     """Accumulates dispatch/load counts of every router in `model` (a list of model chunks)."""
 
-    def __init__(self, model: List[torch.nn.Module], *, dedup: bool, ep_ranks_per_node: int,
+    def __init__(self, model: List[torch.nn.Module], *, dedup: bool, gpus_per_node: int,
                  bytes_per_element: int = 2, trace_dir: Optional[str] = None,
                  trace_max_tokens: int = 4096, profile_collaboration: bool = False,
-                 policy_losses: bool = False) -> None:
-        """`policy_losses`: the run's routers keep LocMoE statistics. Every rank must agree on it
-        (it is a run-wide flag): `report` reduces them collectively, also on pipeline stages
-        without MoE layers."""
+                 policy_statistics: bool = False) -> None:
+        """`policy_statistics`: the run's routers keep policy statistics (LocMoE's). Every rank
+        must agree on it (it is a run-wide flag): `report` reduces them collectively, also on
+        pipeline stages without MoE layers."""
         self.routers = [m for chunk in model for m in chunk.modules() if isinstance(m, TopKRouter)]
-        self.policy_losses = policy_losses
+        self.policy_statistics = policy_statistics
         self.dedup = dedup
-        self.ep_ranks_per_node = ep_ranks_per_node
         self.bytes_per_element = bytes_per_element
         self.trace_dir = trace_dir
         self.trace_max_tokens = trace_max_tokens
@@ -63,8 +64,12 @@ class MoEMetricsRecorder:
         # One row per layer number, so that pipeline stages holding different layers can reduce
         # one tensor of the same shape.
         self.num_layers = cfg.num_layers + (getattr(cfg, "mtp_num_layers", None) or 0)
-        self.ep_size = parallel_state.get_expert_model_parallel_world_size()
-        self.ep_rank = parallel_state.get_expert_model_parallel_rank()
+        # The model's own process groups (not parallel_state's globals): EP ranks are
+        # tensor-parallel-strided GPUs, so a node holds gpus_per_node / TP of them.
+        pg = get_attr_wrapped_model(model[0], "pg_collection")
+        self.ep_size, self.ep_rank = get_pg_size(pg.ep), get_pg_rank(pg.ep)
+        self.topology = EPTopology.from_gpus(self.num_experts, self.ep_size, gpus_per_node, get_pg_size(pg.tp))
+        self.ep_ranks_per_node = self.topology.ranks_per_node
         device = next(model[0].parameters()).device
         self._sums = torch.zeros(self.num_layers + 1, NUM_FIELDS + self.num_experts,
                                  dtype=torch.float64, device=device)
@@ -79,15 +84,13 @@ class MoEMetricsRecorder:
     @classmethod
     def from_config(cls, model, ext_cfg: MoEExtConfig) -> "MoEMetricsRecorder":
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        # Ranks per node count GPUs; EP ranks are TP-strided global ranks.
-        ep_rpn = max(1, ext_cfg.resolved_ranks_per_node(world) // max(1, tp))
-        return cls(model, dedup=getattr(ext_cfg, "dedup_dispatch", False), ep_ranks_per_node=ep_rpn,
+        return cls(model, dedup=ext_cfg.dedup_dispatch,
+                   gpus_per_node=ext_cfg.resolved_ranks_per_node(world),
                    bytes_per_element=ext_cfg.ext_metrics_bytes_per_element,
                    trace_dir=ext_cfg.save_routing_trace,
                    trace_max_tokens=ext_cfg.routing_trace_max_tokens,
                    profile_collaboration=bool(ext_cfg.profile_collaboration),
-                   policy_losses=ext_cfg.router_policy in ("locmoe", "locmoe-plus"))
+                   policy_statistics=ext_cfg.router_policy != "topk")
 
     def _hook(self, router: TopKRouter, inputs, output) -> None:
         _, routing_map = output
@@ -102,9 +105,17 @@ class MoEMetricsRecorder:
                 routing_map, ep_size=self.ep_size, ep_ranks_per_node=self.ep_ranks_per_node,
                 src_ep_rank=self.ep_rank)
             if self._trace_armed:
-                hidden = inputs[0]
-                logits = router.gating(hidden.reshape(-1, hidden.shape[-1]))
-                self._trace[layer] = logits[: self.trace_max_tokens].float().cpu()
+                hidden = inputs[0].reshape(-1, inputs[0].shape[-1])[: self.trace_max_tokens]
+                self._trace[layer] = {
+                    "logits": router.gating(hidden).float().cpu(),
+                    # how training ranked them, so offline selection ranks the same scores
+                    "score_function": router.score_function,
+                    "pre_softmax": bool(router.config.moe_router_pre_softmax),
+                    "expert_bias": None if router.expert_bias is None else router.expert_bias.float().cpu(),
+                    # cosine affinities (LocMoE+) = logits / (|x| |w_e|)
+                    "hidden_norm": hidden.float().norm(dim=-1).cpu(),
+                    "gate_norm": router.weight.float().norm(dim=-1).detach().cpu(),
+                }
 
     def arm_trace(self) -> None:
         """Record router logits during the next training iteration."""
@@ -122,7 +133,7 @@ class MoEMetricsRecorder:
         path = save_trace(trace_path(self.trace_dir, iteration, rank), layers,
                           iteration=iteration, num_experts=self.num_experts, topk=self.topk,
                           ep_size=self.ep_size, ep_rank=self.ep_rank,
-                          ep_ranks_per_node=self.ep_ranks_per_node)
+                          ep_ranks_per_node=self.topology.ranks_per_node)
         return str(path)
 
     def write_profile(self, directory: str) -> Optional[str]:
@@ -152,7 +163,7 @@ class MoEMetricsRecorder:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         out: Dict[str, object] = {}
-        out.update(self._router_losses())  # collective too: before any early return
+        out.update(self._policy_statistics())  # collective too: before any early return
         layers = [i for i in range(sums.shape[0]) if sums[i, 0] > 0]
         if not layers:
             return out
@@ -168,31 +179,30 @@ class MoEMetricsRecorder:
         self._write(out, iteration)
         return out
 
-    def _router_losses(self) -> Dict[str, float]:
-        """Means of the statistics LocMoE routers keep: locality KL, capacity factor and the
-        clamped share (LocMoE), dropped tokens and capacity (LocMoE+). One all-reduce."""
-        if not self.policy_losses:
+    def _policy_statistics(self) -> Dict[str, float]:
+        """Means of the statistics the policy routers keep (`PolicyRouter.take_statistics`):
+        locality KL, capacity factor and the clamped share (LocMoE), dropped tokens and capacity
+        (LocMoE+). One all-reduce."""
+        if not self.policy_statistics:
             return {}
-        # [kl sum, kl count, factor sum, factor count, clamped, dropped, tokens, capacity sum, n]
-        stats = torch.zeros(9, dtype=torch.float64)
+        stats = torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
         for r in self.routers:
-            for name, sl in (("locality_kl_sum", slice(0, 2)), ("capacity_stats", slice(2, 5)),
-                             ("plus_stats", slice(5, 9))):
-                if hasattr(r, name):
-                    stats[sl] += getattr(r, name).cpu()
-                    getattr(r, name).zero_()
+            if isinstance(r, PolicyRouter):
+                stats += r.take_statistics()
         if torch.distributed.is_initialized():
-            dev = self._sums.device
-            stats = stats.to(dev)
+            stats = stats.to(self._sums.device)
             torch.distributed.all_reduce(stats)
             stats = stats.cpu()
-        out = {"moe_ext/locality_kl": float(stats[0] / stats[1].clamp_min(1))}
-        if stats[3] > 0:
-            out["moe_ext/capacity_factor"] = float(stats[2] / stats[3])
-            out["moe_ext/capacity_clamped_fraction"] = float(stats[4] / stats[3])
-        if stats[8] > 0:
-            out["moe_ext/dropped_token_fraction"] = float(stats[5] / stats[6].clamp_min(1))
-            out["moe_ext/expert_capacity"] = float(stats[7] / stats[8])
+        s = dict(zip(STAT_FIELDS, stats.tolist()))
+        out = {}
+        if s["locality_kl_count"] > 0:
+            out["moe_ext/locality_kl"] = s["locality_kl_sum"] / s["locality_kl_count"]
+        if s["capacity_factor_count"] > 0:
+            out["moe_ext/capacity_factor"] = s["capacity_factor_sum"] / s["capacity_factor_count"]
+            out["moe_ext/capacity_clamped_fraction"] = s["capacity_clamped"] / s["capacity_factor_count"]
+        if s["expert_capacity_count"] > 0:
+            out["moe_ext/dropped_token_fraction"] = s["dropped_tokens"] / max(1.0, s["routed_tokens"])
+            out["moe_ext/expert_capacity"] = s["expert_capacity_sum"] / s["expert_capacity_count"]
         return out
 
     @staticmethod

@@ -1,16 +1,23 @@
-"""Routers for the plugin's policies, as TopKRouter subclasses that replace only the selection.
+"""Megatron router adapters for the plugin's routing policies: TopKRouter subclasses that replace
+only the selection.
 
 Megatron's `TopKRouter.routing()` does five things: z-loss, top-k selection, capacity/token
 dropping, the load-balancing losses and the expert-bias counts. A policy changes the selection;
 `PolicyRouter` keeps the other four exactly as Megatron does them, with one correction: the stock
 router computes its balance losses on an independent plain top-k of the logits, which would
-balance an assignment the policy never makes. Here they see the routing actually chosen.
+balance an assignment the policy never makes. Here they see the routing actually chosen. The
+selection math lives in `routing/policies/` (pure torch); these classes hold the state and the
+Megatron glue.
+
+State that changes what a router selects (C2R's frozen partners, LocMoE's bias switch and
+capacity estimate, LocMoE+'s re-estimated capacity) advances only in `on_iteration_end`, once per
+optimizer step (`mcore/iteration.py`), never inside a forward: a recomputed forward (activation
+checkpointing runs it twice) and evaluation see exactly what the first training forward saw.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -20,33 +27,63 @@ from megatron.core.transformer.moe.moe_utils import (
     topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from megatron_moe_ext.mcore.iteration import IterationState
+from megatron_moe_ext.routing.scores import selection_scores
+from megatron_moe_ext.routing.topology import EPTopology
+
+# Statistics a router reports to the metrics recorder (`take_statistics`), one fixed layout so
+# that every rank reduces a tensor of the same shape, whatever its layers' policies.
+STAT_FIELDS = ("locality_kl_sum", "locality_kl_count", "capacity_factor_sum", "capacity_factor_count",
+               "capacity_clamped", "dropped_tokens", "routed_tokens", "expert_capacity_sum",
+               "expert_capacity_count")
 
 
-class PolicyRouter(TopKRouter):
+def policy_router_problem(settings, policy: str) -> Optional[str]:
+    """The sentence refusing a Megatron router setting that a PolicyRouter cannot honour, or None.
+    `settings`: Megatron's args or TransformerConfig (the same attribute names)."""
+    lb = getattr(settings, "moe_router_load_balancing_type", "aux_loss")
+    for t in (lb if isinstance(lb, (list, tuple)) else [lb]):
+        if t in ("sinkhorn", "quantile_balancing"):
+            return (f"--moe-router-load-balancing-type {t} selects experts itself and cannot be "
+                    f"combined with --moe-router-policy {policy}; use aux_loss, seq_aux_loss, "
+                    "global_aux_loss or none.")
+    if getattr(settings, "moe_router_num_groups", None) or getattr(settings, "moe_router_group_topk", None):
+        return ("--moe-router-num-groups/--moe-router-group-topk (group-limited routing) choose experts "
+                f"themselves and cannot be combined with --moe-router-policy {policy}; unset them.")
+    if getattr(settings, "moe_enable_routing_replay", False) and policy == "locmoe-plus":
+        return ("--moe-enable-routing-replay replays k experts per token, while --moe-router-policy "
+                "locmoe-plus gives tokens fewer; drop one of them.")
+    return None
+
+
+class PolicyRouter(TopKRouter, IterationState):
     """A TopKRouter whose expert selection is replaced.
 
     Subclasses implement `select_indices` (which experts, from the scores Megatron's own top-k
     would rank) and get Megatron's probability semantics for free: softmax before or after the
     top-k, sigmoid/sqrtsoftplus normalisation, the top-k scaling factor, expert bias used for
-    selection only. Policies that also change the probabilities override `select`. Extra losses go
-    in `extra_losses`. Constructor as TopKRouter's (MoELayer passes `config`, `pg_collection`,
+    selection only, routing replay (`--moe-enable-routing-replay` records and replays the
+    policy's choice). Policies that also change the probabilities override `select`. Extra losses
+    go in `extra_losses`. Constructor as TopKRouter's (MoELayer passes `config`, `pg_collection`,
     `is_mtp_layer` as keywords).
     """
 
+    policy = "topk"
+
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        if self.routing_type in ("sinkhorn", "quantile_balancing"):
-            raise ValueError(
-                f"--moe-router-load-balancing-type {self.routing_type} selects experts itself and "
-                f"cannot be combined with the plugin's routing policy {type(self).__name__}; use "
-                "aux_loss, seq_aux_loss, global_aux_loss or none.")
-        if config.moe_router_num_groups or config.moe_router_group_topk:
-            raise ValueError(
-                "--moe-router-num-groups/--moe-router-group-topk (group-limited routing) choose "
-                f"experts themselves and cannot be combined with {type(self).__name__}; unset them.")
+        problem = policy_router_problem(config, self.policy)
+        if problem:
+            raise ValueError(problem)
         # The EP group is not kept by Router; locality- and placement-aware policies need it.
-        self.ep_group = getattr(pg_collection, "ep", None) if pg_collection is not None else None
+        self.ep_group = pg_collection.ep
+        self.ep_size, self.ep_rank = get_pg_size(self.ep_group), get_pg_rank(self.ep_group)
         self._excluded: Optional[torch.Tensor] = None
+
+    def topology(self, ranks_per_node: Optional[int] = None) -> EPTopology:
+        return EPTopology(self.config.num_moe_experts, self.ep_size, ranks_per_node or self.ep_size)
 
     @contextlib.contextmanager
     def excluding(self, experts: torch.Tensor):
@@ -58,20 +95,15 @@ class PolicyRouter(TopKRouter):
         finally:
             self._excluded = None
 
+    def is_training_forward(self) -> bool:
+        """A forward that trains: counted once per micro-batch (the no-grad first pass of an
+        activation-checkpointed forward and evaluation are not)."""
+        return self.training and torch.is_grad_enabled()
+
     def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """What Megatron's top-k ranks for this config, [T, E] float32: the logits (softmax after
-        the top-k), the softmax (pre-softmax), or sigmoid/sqrtsoftplus scores plus the expert bias.
-        Any monotone transform would select the same experts; this one keeps ties identical."""
-        fn = self.score_function
-        if fn == "softmax":
-            if self.config.moe_router_pre_softmax:
-                return torch.softmax(logits, dim=-1, dtype=torch.float32)
-            return logits.float()
-        scores = (torch.sigmoid(logits.float()) if fn == "sigmoid"
-                  else torch.nn.functional.softplus(logits.float()).sqrt())
-        if self.expert_bias is not None:
-            scores = scores + self.expert_bias.float()
-        return scores
+        """What Megatron's top-k ranks for this config, [T, E] float32 (routing/scores.py)."""
+        return selection_scores(logits, self.score_function, self.config.moe_router_pre_softmax,
+                                self.expert_bias)
 
     def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
         """scores [T, E] (from `selection_scores`) -> chosen experts [T, topk] (long)."""
@@ -82,18 +114,30 @@ class PolicyRouter(TopKRouter):
 
     def capacity_factor(self, logits: torch.Tensor, routing_map: torch.Tensor):
         """Capacity factor for token dropping this step (None: dropless). Megatron's static
-        `--moe-expert-capacity-factor` here; policies may lower it per step."""
+        `--moe-expert-capacity-factor` here; policies may lower it per iteration."""
         return self.config.moe_expert_capacity_factor
+
+    def take_statistics(self) -> torch.Tensor:
+        """Float64[len(STAT_FIELDS)] sums since the last call, then reset (zeros here)."""
+        return torch.zeros(len(STAT_FIELDS), dtype=torch.float64)
+
+    def _indices(self, scores: torch.Tensor) -> torch.Tensor:
+        """The policy's choice, through Megatron's routing replay when it is active."""
+        if self.router_replay is None:
+            return self.select_indices(scores)
+        return self.router_replay.get_replay_topk(
+            scores, self.topk, None, None,
+            lambda s, k, *a, **kw: (None, self.select_indices(s)))[1]
 
     def select(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Choose experts. logits [T, E] (after z-loss) -> (probs [T, E], zero off the selection;
         routing_map [T, E] bool with exactly `self.topk` True per row)."""
-        training = self.training and torch.is_grad_enabled()
+        training = self.is_training_forward()  # (before no_grad hides it)
         with torch.no_grad():
             scores = self.selection_scores(logits)
             if self._excluded is not None:
                 scores = scores.masked_fill(self._excluded.reshape(scores.shape), float("-inf"))
-            indices = self.select_indices(scores)
+            indices = self._indices(scores)
             if training:
                 self.observe_selection(indices)
         return topk_routing_with_score_function(
@@ -109,7 +153,7 @@ class PolicyRouter(TopKRouter):
         return probs
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Megatron's routing() with `select` in place of the top-k (see router.py:741-832).
+        """Megatron's routing() with `select` in place of the top-k (router.py:741-832).
 
         logits [S, B, E]; padding_mask [S, B] (True = padding) -> probs, routing_map [S*B, E].
         """
@@ -117,11 +161,12 @@ class PolicyRouter(TopKRouter):
         logits = logits.view(-1, self.config.num_moe_experts)
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
+        # 1. z-loss, as Megatron
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
-
+        # 2. the policy's selection and Megatron's probabilities at it
         probs, routing_map = self.select(logits)
         chosen_map = routing_map
-
+        # 3. token dropping at the (policy's) capacity
         capacity_factor = self.capacity_factor(logits, routing_map)
         if capacity_factor is not None:
             probs, routing_map = apply_router_token_dropping(
@@ -130,7 +175,7 @@ class PolicyRouter(TopKRouter):
                 drop_policy=self.config.moe_token_drop_policy,
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
             )
-
+        # 4. balance losses on the chosen routing, then the policy's own losses
         if self.training and torch.is_grad_enabled():
             scores_for_aux = None
             if self.is_aux_loss_enabled():
@@ -148,7 +193,7 @@ class PolicyRouter(TopKRouter):
                 probs = self._apply_global_aux_loss(probs, scores_for_aux, map_for_aux,
                                                     with_padding_mask=with_pad)
             probs = self.extra_losses(probs, logits, padding_mask, scores_for_aux)
-
+        # 5. expert-bias counts, as Megatron
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
 
@@ -158,7 +203,17 @@ class TopKPolicyRouter(PolicyRouter):
     for layers that need `excluding` (DGMoE) with the plain top-k policy."""
 
     def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.topk(scores, self.topk, dim=1).indices
+        from megatron_moe_ext.routing.policies.topk import topk_select
+
+        return topk_select(scores, self.topk)
+
+
+def _data_parallel_sum(router: TopKRouter, t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over the router's tensor x data x context parallel group (every rank holding this
+    layer), in place; a no-op without torch.distributed."""
+    if torch.distributed.is_initialized() and router.tp_dp_cp_group is not None:
+        torch.distributed.all_reduce(t, group=router.tp_dp_cp_group)
+    return t
 
 
 class C2RRouter(PolicyRouter):
@@ -166,35 +221,38 @@ class C2RRouter(PolicyRouter):
 
     Partners ([E, T]) come from the plan file (`--moe-c2r-plan`, this layer's lists, indexed by
     physical slot), the online warm-up profile (`--moe-c2r-warmup-steps`: plain top-k while
-    counting co-activation, then partners among co-resident experts, frozen), or the default
-    lists (co-resident experts first). Only warm-up partners are learned state, so only then are
-    they checkpointed (with the warm-up progress): a plan or default run rebuilds them from its
-    flags, and can start from a checkpoint trained with plain top-k.
+    counting co-activation, then partners among co-resident experts, frozen at the end of
+    iteration W), or the default lists (co-resident experts first). Only warm-up partners are
+    learned state, so only then are they checkpointed (with the switch): a plan or default run
+    rebuilds them from its flags, and can start from a checkpoint trained with plain top-k.
     Build it with `functools.partial(C2RRouter, ext_cfg=...)` as MoESubmodules.router.
     """
 
+    policy = "c2r"
+
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, ext_cfg=None) -> None:
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        from megatron.core import parallel_state
-
         from megatron_moe_ext.config import MoEExtConfig
         from megatron_moe_ext.routing.collaboration import default_partner_lists
+        from megatron_moe_ext.routing.policies.c2r import resolve_top_t
 
         self.ext_cfg = ext_cfg or MoEExtConfig(router_policy="c2r")
-        E = config.num_moe_experts
-        self.ep_size = (self.ep_group.size() if self.ep_group is not None
-                        else parallel_state.get_expert_model_parallel_world_size())
-        self.top_t = self._plan().top_t if self.ext_cfg.c2r_plan else \
-            self.ext_cfg.c2r_resolved_top_t(E, self.ep_size)
+        self._plan = None
+        if self.ext_cfg.c2r_plan:
+            from megatron_moe_ext.files.plan import load_plan
+
+            self._plan = load_plan(self.ext_cfg.c2r_plan, num_experts=config.num_moe_experts,
+                                   ep_size=self.ep_size, topk=self.topk)
+        self.top_t = self._plan.top_t if self._plan else resolve_top_t(
+            self.ext_cfg.c2r_top_t, self.topology(), self.topk)
         dev = self.weight.device
         warm = self.ext_cfg.c2r_warmup_steps > 0
-        self.register_buffer("c2r_partners", default_partner_lists(E, self.ep_size, self.top_t).to(dev),
+        self.register_buffer("c2r_partners", default_partner_lists(self.topology(), self.top_t).to(dev),
                              persistent=warm)
         # 1 while constrained; 0 during the warm-up (a [1] long tensor: checkpoint-friendly)
         self.register_buffer("c2r_active", torch.tensor([0 if warm else 1], device=dev),
                              persistent=warm)
-        self.register_buffer("c2r_warmup_forwards", torch.zeros(1, dtype=torch.long, device=dev),
-                             persistent=warm)
+        E = config.num_moe_experts
         self._coact = torch.zeros(E, E, dtype=torch.float64, device=dev) if warm else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -202,55 +260,39 @@ class C2RRouter(PolicyRouter):
         if int(self.c2r_active.item()) == 1:
             self._coact = None  # resumed after the warm-up: stay constrained
 
-    def _plan(self):
-        from megatron_moe_ext.files.plan import load_plan
-
-        if not hasattr(self, "_plan_cache"):
-            self._plan_cache = load_plan(self.ext_cfg.c2r_plan, num_experts=self.config.num_moe_experts,
-                                         ep_size=self.ep_size, topk=self.topk)
-        return self._plan_cache
-
     def set_layer_number(self, layer_number: int) -> None:
         super().set_layer_number(layer_number)
-        if self.ext_cfg.c2r_plan:
-            plan = self._plan()
-            if layer_number not in plan.partners:
-                raise ValueError(f"{plan.path} has no partner lists for MoE layer {layer_number} "
-                                 f"(it has layers {sorted(plan.partners)}).")
-            self.c2r_partners.copy_(plan.partners[layer_number])
+        if self._plan is not None:
+            if layer_number not in self._plan.partners:
+                raise ValueError(f"{self._plan.path} has no partner lists for MoE layer {layer_number} "
+                                 f"(it has layers {sorted(self._plan.partners)}).")
+            self.c2r_partners.copy_(self._plan.partners[layer_number])
 
     def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
-        from megatron_moe_ext.routing.c2r import c2r_select
+        from megatron_moe_ext.routing.policies.c2r import c2r_select
+        from megatron_moe_ext.routing.policies.topk import topk_select
 
         if self._coact is None:  # constrained (no warm-up, or it is over)
             return c2r_select(scores, self.topk, self.c2r_partners)
-        return torch.topk(scores, self.topk, dim=1).indices
+        return topk_select(scores, self.topk)
 
     def observe_selection(self, indices: torch.Tensor) -> None:
-        if self._coact is not None:
-            self._warmup_step(indices)
+        if self._coact is not None:  # warm-up: count co-activation of the training forwards
+            from megatron_moe_ext.routing.collaboration import coactivation_counts
+            from megatron_moe_ext.routing.scores import indices_to_map
 
-    def _warmup_step(self, indices: torch.Tensor) -> None:
-        """Count co-activation; after W iterations freeze co-resident partners (collective over
-        the router's data-parallel group, reached by every rank at the same micro-batch)."""
-        from megatron.core.num_microbatches_calculator import get_num_microbatches
+            self._coact += coactivation_counts(indices_to_map(indices, self.config.num_moe_experts))
 
-        from megatron_moe_ext.routing.collaboration import (
-            coactivation_counts,
-            partner_lists,
-        )
-        from megatron_moe_ext.routing.policies import indices_to_map
-
-        E = self.config.num_moe_experts
-        self._coact += coactivation_counts(indices_to_map(indices, E))
-        self.c2r_warmup_forwards += 1
-        if int(self.c2r_warmup_forwards.item()) < self.ext_cfg.c2r_warmup_steps * get_num_microbatches():
+    def on_iteration_end(self, iteration: int) -> None:
+        """After iteration W of the warm-up: freeze co-resident partners from the counts summed
+        over every rank holding this layer (collective; every such rank reaches it)."""
+        if self._coact is None or iteration < self.ext_cfg.c2r_warmup_steps:
             return
-        coact = self._coact
-        if torch.distributed.is_initialized() and self.tp_dp_cp_group is not None:
-            torch.distributed.all_reduce(coact, group=self.tp_dp_cp_group)
-        expert_to_rank = torch.arange(E, device=coact.device) // (E // self.ep_size)
-        partners = partner_lists(coact.cpu(), self.top_t, expert_to_rank=expert_to_rank.cpu(),
+        from megatron_moe_ext.routing.collaboration import partner_lists
+
+        coact = _data_parallel_sum(self, self._coact)
+        topo = self.topology()
+        partners = partner_lists(coact.cpu(), self.top_t, expert_to_rank=topo.expert_to_rank(),
                                  co_resident_only=True)
         self.c2r_partners.copy_(partners)
         self.c2r_active.fill_(1)
@@ -263,115 +305,138 @@ class LocMoERouter(PolicyRouter):
     The loss (routing/locality.py) is mu * KL(D_c || D_l) per source rank, attached like
     Megatron's other auxiliary losses (recorded as "locality_loss"; its running mean is also
     reported as moe_ext/locality_kl). `--moe-locmoe-gate grap` freezes the gate to the paper's
-    block-orthogonal GrAP weights; `learned` (default) starts from them and trains.
+    block-orthogonal GrAP weights; `learned` (default) starts from them and trains. With
+    `--moe-locmoe-capacity bound`, the expert capacity of an iteration comes from an EMA of the
+    angle statistic over the previous iterations (the first iteration uses its own batches).
     Build with `functools.partial(LocMoERouter, ext_cfg=...)`.
     """
 
+    policy = "locmoe"
+
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, ext_cfg=None) -> None:
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        from megatron.core import parallel_state
-
         from megatron_moe_ext.config import MoEExtConfig
-        from megatron_moe_ext.routing.locality import (
-            grap_gate_weight,
-            localized_distribution,
-            node_local_expert_mask,
-        )
+        from megatron_moe_ext.routing.locality import grap_gate_weight, localized_distribution
 
-        self.ext_cfg = ext_cfg or MoEExtConfig(router_policy="locmoe")
+        self.ext_cfg = ext_cfg or MoEExtConfig(router_policy=self.policy)
         E = config.num_moe_experts
         with torch.no_grad():
             self.weight.copy_(grap_gate_weight(E, config.hidden_size, self.weight.dtype))
         if self.ext_cfg.locmoe_gate == "grap":
             self.weight.requires_grad_(False)
-        ep_size = parallel_state.get_expert_model_parallel_world_size()
-        ep_rank = parallel_state.get_expert_model_parallel_rank()
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        ep_rpn = max(1, self.ext_cfg.resolved_ranks_per_node(world) // max(1, tp))
-        self.register_buffer("locality_mask", node_local_expert_mask(E, ep_size, ep_rank, ep_rpn).to(
-            self.weight.device), persistent=False)
-        self.locality_kl_sum = torch.zeros(2, dtype=torch.float32, device=self.weight.device)
+        topo = EPTopology.from_gpus(E, self.ep_size, self.ext_cfg.resolved_ranks_per_node(world),
+                                    get_pg_size(self.tp_group))
+        dev = self.weight.device
+        self.register_buffer("locality_mask", topo.node_local_mask(self.ep_rank).to(dev), persistent=False)
+        self._stats = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=dev)
         # log D_l, fixed by the placement: computed once, so the loss needs no host sync per step
         # (a plain attribute: Megatron's Float16Module would cast a buffer to bf16)
         self._log_d_l = torch.log(localized_distribution(self.locality_mask.cpu(), self.ext_cfg.locmoe_eps))
-        # capacity lower bound (--moe-locmoe-capacity bound): EMA of the angle statistic delta,
-        # and [sum of applied factors, count, clamped count] for logging
+        # the local bias is on from the end of iteration W (checkpointed with a warm-up)
+        warm = self.ext_cfg.locmoe_local_bias_warmup_steps
+        self.register_buffer("locmoe_bias_on", torch.tensor([0.0 if warm else 1.0], device=dev),
+                             persistent=warm > 0)
+        # --moe-locmoe-capacity bound: EMA of delta (0: none yet), this iteration's delta sums
         self.register_buffer("locmoe_delta", torch.zeros(1, dtype=torch.float64), persistent=False)
-        # training forwards seen, for --moe-locmoe-local-bias-warmup-steps (checkpointed with it)
-        self.register_buffer("locmoe_bias_forwards", torch.zeros(1, dtype=torch.long, device=self.weight.device),
-                             persistent=self.ext_cfg.locmoe_local_bias_warmup_steps > 0)
-        self.capacity_stats = torch.zeros(3, dtype=torch.float64)
+        self._delta_sum = torch.zeros(2, dtype=torch.float64)
+        self._capacity = None  # (factor, clamped) for this iteration, from the EMA
+        self._tokens = 0       # tokens of a training micro-batch on this rank
         self._clamp_warned = False
         self._last_input = None
 
     def forward(self, input, padding_mask=None):
-        self._last_input = input  # the bound's angle statistic needs the hidden states
+        self._last_input = input  # the bound's angle statistic and LocMoE+'s affinity need it
         try:
             return super().forward(input, padding_mask=padding_mask)
         finally:
             self._last_input = None
 
+    def _stat(self, name: str, value) -> None:
+        if self._stats.device != self.weight.device:
+            self._stats = self._stats.to(self.weight.device)  # follows model.cuda()
+        self._stats[STAT_FIELDS.index(name)] += value
+
+    def take_statistics(self) -> torch.Tensor:
+        out = self._stats.cpu().clone()
+        self._stats.zero_()
+        return out
+
     def capacity_factor(self, logits, routing_map):
-        """With --moe-locmoe-capacity bound: Theorem 1's lower bound on tokens per expert, from
-        an EMA of delta = mean cosine between tokens and their chosen expert's gate vector,
-        turned into a capacity factor and clamped to --moe-expert-capacity-factor."""
+        """With --moe-locmoe-capacity bound: Theorem 1's lower bound on tokens per expert, for the
+        EMA of delta = mean cosine between tokens and their chosen expert's gate vector, as a
+        capacity factor clamped to --moe-expert-capacity-factor."""
         cf = self.config.moe_expert_capacity_factor
         if self.ext_cfg.locmoe_capacity != "bound" or self._last_input is None:
             return cf
-        from megatron_moe_ext.routing.locality import (
-            capacity_factor_from_bound,
-            capacity_lower_bound,
-            chosen_expert_cosine,
-        )
+        from megatron_moe_ext.routing.locality import chosen_expert_cosine
 
+        training = self.is_training_forward()
         with torch.no_grad():
             hidden = self._last_input.reshape(-1, self._last_input.shape[-1])
-            delta = chosen_expert_cosine(hidden, self.weight, routing_map).mean().double()
-            if torch.distributed.is_initialized() and self.tp_dp_cp_group is not None:
-                # one capacity for every rank of the layer
-                torch.distributed.all_reduce(delta, group=self.tp_dp_cp_group)
-                delta /= torch.distributed.get_world_size(self.tp_dp_cp_group)
-            first = bool(self.locmoe_delta.item() == 0)
-            self.locmoe_delta.mul_(0.0 if first else 0.9).add_(delta.cpu() * (1.0 if first else 0.1))
-            d = float(self.locmoe_delta.clamp(1e-6, 0.999).item())
+            delta = chosen_expert_cosine(hidden, self.weight, routing_map).mean().double().cpu()
+            if training:
+                self._delta_sum += torch.stack([delta, torch.ones((), dtype=torch.float64)])
+                self._tokens = routing_map.shape[0]  # capacity factors are per token count
+        if self._capacity is None:  # first iteration: no estimate yet, this batch's own delta
+            factor, clamped = self._factor_for(float(delta), routing_map.shape[0])
+        else:
+            factor, clamped = self._capacity
+        if training:
+            self._stat("capacity_factor_sum", factor)
+            self._stat("capacity_factor_count", 1.0)
+            self._stat("capacity_clamped", float(clamped))
+        return factor
+
+    def _factor_for(self, delta: float, num_tokens: int):
+        from megatron_moe_ext.routing.locality import capacity_factor_from_bound, capacity_lower_bound
+
+        cf = self.config.moe_expert_capacity_factor
+        d = min(max(delta, 1e-6), 0.999)
         bound = capacity_lower_bound(d, self.config.hidden_size, self.config.num_moe_experts).beta_form
         factor, clamped = capacity_factor_from_bound(
-            bound, num_tokens=routing_map.shape[0], topk=self.topk,
-            num_experts=self.config.num_moe_experts, max_capacity_factor=cf)
-        self.capacity_stats += torch.tensor([factor, 1.0, float(clamped)], dtype=torch.float64)
+            bound, num_tokens=num_tokens, topk=self.topk, num_experts=self.config.num_moe_experts,
+            max_capacity_factor=cf)
         if clamped and not self._clamp_warned:
             import warnings
 
             warnings.warn(f"LocMoE capacity bound for delta={d:.3f} ({bound:.3g} tokens per expert) "
                           f"exceeds --moe-expert-capacity-factor {cf}; clamped to it.")
             self._clamp_warned = True
-        return factor
+        return factor, clamped
+
+    def on_iteration_end(self, iteration: int) -> None:
+        warm = self.ext_cfg.locmoe_local_bias_warmup_steps
+        if warm and iteration >= warm:
+            self.locmoe_bias_on.fill_(1.0)
+        if self.ext_cfg.locmoe_capacity == "bound":
+            # one estimate for every rank of the layer: the mean of its ranks' deltas
+            sums = _data_parallel_sum(self, self._delta_sum.to(self.weight.device, copy=True)).cpu()
+            self._delta_sum.zero_()
+            if sums[1] > 0:
+                delta = sums[0] / sums[1]
+                first = bool(self.locmoe_delta.item() == 0)
+                self.locmoe_delta.mul_(0.0 if first else 0.9).add_(delta * (1.0 if first else 0.1))
+            if self.locmoe_delta.item() > 0 and self._tokens:
+                self._capacity = self._factor_for(float(self.locmoe_delta.item()), self._tokens)
 
     def select_indices(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.topk(scores, self.topk, dim=1).indices
+        from megatron_moe_ext.routing.policies.topk import topk_select
+
+        return topk_select(scores, self.topk)
 
     def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Megatron's selection scores plus `--moe-locmoe-local-bias` on this node's experts:
-        the router knows which node its tokens are on, the loss alone cannot use that (see
-        docs/locmoe.md). Selection only: probabilities stay the unbiased score function's."""
+        """Megatron's selection scores plus `--moe-locmoe-local-bias` on this node's experts
+        (routing/policies/locmoe.py): the router knows which node its tokens are on, the loss
+        alone cannot use that (docs/locmoe.md). Selection only: probabilities stay unbiased."""
+        from megatron_moe_ext.routing.policies.locmoe import biased_scores
+
         scores = super().selection_scores(logits)
         bias = self.ext_cfg.locmoe_local_bias
         if not bias:
             return scores
-        local = self.locality_mask.to(scores.dtype)
-        warmup = self.ext_cfg.locmoe_local_bias_warmup_steps
-        if warmup:
-            from megatron.core.num_microbatches_calculator import get_num_microbatches
-
-            # a device-side switch: no host sync per step
-            local = local * (self.locmoe_bias_forwards >= warmup * get_num_microbatches()).to(scores.dtype)
-        return scores + bias * local
-
-    def observe_selection(self, indices: torch.Tensor) -> None:
-        super().observe_selection(indices)
-        if self.ext_cfg.locmoe_local_bias_warmup_steps:
-            self.locmoe_bias_forwards += 1
+        # a device-side switch: no host sync per step
+        return biased_scores(scores, self.locality_mask, bias * self.locmoe_bias_on.to(scores.dtype))
 
     def extra_losses(self, probs, logits, padding_mask, scores_for_aux=None):
         from megatron_moe_ext.routing.locality import locality_kl
@@ -391,65 +456,65 @@ class LocMoERouter(PolicyRouter):
             self._log_d_l = self._log_d_l.to(device=scores.device, dtype=scores.dtype)
         kl = locality_kl(scores, self._log_d_l, valid=valid)
         with torch.no_grad():
-            # The router is built on the CPU and moved by Megatron's model.cuda(), which does not
-            # move plain attributes: follow the loss's device (a buffer would be cast to bf16).
-            if self.locality_kl_sum.device != kl.device:
-                self.locality_kl_sum = self.locality_kl_sum.to(kl.device)
-            self.locality_kl_sum[0] += kl.detach()
-            self.locality_kl_sum[1] += 1
+            self._stat("locality_kl_sum", kl.detach().double())
+            self._stat("locality_kl_count", 1.0)
         return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
                                                        self.tp_cp_group)
 
 
 class LocMoEPlusRouter(LocMoERouter):
-    """LocMoE+ (expert-token resonance): token-choice top-l by affinity (l from the threshold
-    rule), then each expert keeps its C highest-affinity tokens; tokens kept nowhere ride the
+    """LocMoE+ (expert-token resonance, routing/policies/locmoe_plus.py): token-choice top-l by
+    affinity, then each expert keeps its C highest-affinity tokens; tokens kept nowhere ride the
     residual path. C starts at Megatron's capacity (--moe-expert-capacity-factor, required: the
-    dispatcher then sizes buffers from the routing map) and is re-estimated every N iterations
-    from the affinity statistics (Remark 7's decreasing bound), never above that capacity.
-    The locality loss and the GrAP gate are LocMoE's."""
+    dispatcher then sizes buffers from the routing map) and is re-estimated at the end of every
+    N-th iteration from the last training micro-batch's affinities (Remark 7's decreasing bound),
+    never above that capacity. The locality loss and the GrAP gate are LocMoE's."""
+
+    policy = "locmoe-plus"
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, ext_cfg=None) -> None:
         super().__init__(config, pg_collection, is_mtp_layer, ext_cfg=ext_cfg)
-        self.resonance_capacity = None           # tokens per expert once re-estimated
-        self.plus_forwards = 0
-        # [dropped tokens, tokens, capacity sum, forwards] since the last report
-        self.plus_stats = torch.zeros(4, dtype=torch.float64)
+        self.resonance_capacity = None   # tokens per expert once re-estimated
+        self._last_aff_max = None        # [T] best affinity per token, last training forward
 
     def select(self, logits):
-        from megatron.core.num_microbatches_calculator import get_num_microbatches
-
-        from megatron_moe_ext.routing.locality import (
-            affinity,
-            expert_choice_keep,
-            resonance_capacity,
-            token_choice_map,
-        )
+        from megatron_moe_ext.routing.locality import affinity
+        from megatron_moe_ext.routing.policies.locmoe_plus import base_capacity, resonance_route
 
         T, E = logits.shape
         k = self.topk
-        training = self.training and torch.is_grad_enabled()
+        training = self.is_training_forward()
         with torch.no_grad():
             hidden = self._last_input.reshape(-1, self._last_input.shape[-1])
             aff = affinity(hidden, self.weight)                               # [T, E]
-            order, proposed = token_choice_map(aff, k, self.ext_cfg.locmoe_plus_tau)
-            base = math.ceil(T * k / E * self.config.moe_expert_capacity_factor)
+            base = base_capacity(T, k, E, self.config.moe_expert_capacity_factor)
             capacity = min(base, self.resonance_capacity or base)
-            keep = expert_choice_keep(aff, proposed, capacity)
+            order, keep = resonance_route(aff, k, self.ext_cfg.locmoe_plus_tau, capacity)
             if training:
-                self.plus_forwards += 1
-                interval = self.ext_cfg.locmoe_plus_reestimate_interval * get_num_microbatches()
-                if interval and self.plus_forwards % interval == 0:
-                    c = torch.tensor([resonance_capacity(aff.max(1).values, self.config.hidden_size, E)],
-                                     dtype=torch.float64)
-                    if torch.distributed.is_initialized() and self.tp_dp_cp_group is not None:
-                        torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MIN,
-                                                     group=self.tp_dp_cp_group)
-                    self.resonance_capacity = int(min(c.item(), base))
-                dropped = float((~keep.any(1)).sum())
-                self.plus_stats += torch.tensor([dropped, T, capacity, 1.0], dtype=torch.float64)
+                self._last_aff_max = aff.max(1).values
+                self._stat("dropped_tokens", (~keep.any(1)).sum().double())
+                self._stat("routed_tokens", float(T))
+                self._stat("expert_capacity_sum", float(capacity))
+                self._stat("expert_capacity_count", 1.0)
         probs, _ = topk_routing_with_score_function(
             logits, k, use_pre_softmax=self.config.moe_router_pre_softmax,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
             score_function=self.score_function, precomputed_indices=order)
         return probs * keep, keep
+
+    def on_iteration_end(self, iteration: int) -> None:
+        super().on_iteration_end(iteration)
+        interval = self.ext_cfg.locmoe_plus_reestimate_interval
+        if not interval or iteration % interval or self._last_aff_max is None:
+            return
+        from megatron_moe_ext.routing.locality import resonance_capacity
+        from megatron_moe_ext.routing.policies.locmoe_plus import base_capacity
+
+        T = self._last_aff_max.shape[0]
+        E = self.config.num_moe_experts
+        c = torch.tensor([resonance_capacity(self._last_aff_max, self.config.hidden_size, E)],
+                         dtype=torch.float64, device=self.weight.device)
+        if torch.distributed.is_initialized() and self.tp_dp_cp_group is not None:
+            torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MIN, group=self.tp_dp_cp_group)
+        base = base_capacity(T, self.topk, E, self.config.moe_expert_capacity_factor)
+        self.resonance_capacity = int(min(c.item(), base))

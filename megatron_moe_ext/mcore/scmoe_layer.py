@@ -220,7 +220,9 @@ class ScMoELayer(TransformerLayer):
             self._current_dispatcher = copy.copy(self.mlp.token_dispatcher)
         slots = (1, 2, 3, 4) if shortcut_link is not None else (2, 3, 4)
         default = 2 if shortcut_link is not None else 3
-        self.slot_chooser = SlotChooser(expert_slot, slots, default, name=f"layer {self.layer_number}")
+        # every rank of the pipeline stage agrees on the slot: the router's TP x DP x CP group
+        self.slot_chooser = SlotChooser(expert_slot, slots, default, name=f"layer {self.layer_number}",
+                                        group=self.mlp.router.tp_dp_cp_group)
 
     # -- the routed path ------------------------------------------------------------------------
     def start_routed(self, routed_input: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> RoutedPass:

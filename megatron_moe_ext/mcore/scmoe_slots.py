@@ -26,9 +26,12 @@ TIMED_CALLS_PER_SLOT = 5
 
 class SlotChooser:
     """setting: "auto" or a slot number; slots: the candidates; default: the slot used while
-    warming up and without CUDA."""
+    warming up and without CUDA; group: the ranks that must agree on the slot (the pipeline
+    stage's, which contains the EP ranks), None for one process."""
 
-    def __init__(self, setting: Union[str, int], slots: Sequence[int], default: int, name: str = "") -> None:
+    def __init__(self, setting: Union[str, int], slots: Sequence[int], default: int, name: str = "",
+                 group=None) -> None:
+        self.group = group
         if setting != "auto":
             # Pos-1 has no block l MLP to overlap: there slot 1 is the same point as slot 2.
             setting = max(int(setting), min(slots))
@@ -79,7 +82,7 @@ class SlotChooser:
                 times.append(start.elapsed_time(stop))
             medians.append(statistics.median(times) if times else float("inf"))
         agreed = torch.tensor(medians, dtype=torch.float64, device="cuda")
-        group = _stage_group()
+        group = self.group if torch.distributed.is_initialized() else None
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX, group=group)
         agreed = agreed.tolist()
@@ -88,14 +91,3 @@ class SlotChooser:
         self._events = {s: [] for s in self.slots}
         log.info("ScMoE %s: expert slot %d chosen; median pair time per slot (ms): %s", self.name,
                  self.frozen, ", ".join(f"{s}: {t:.3f}" for s, t in self.medians_ms.items()))
-
-
-def _stage_group():
-    """All ranks of this pipeline stage (TP x DP x CP, which contains the EP ranks)."""
-    if not torch.distributed.is_initialized():
-        return None
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return None
-    return ps.get_tensor_and_data_parallel_group(with_context_parallel=True)

@@ -1,10 +1,11 @@
 """Decoder block specs carrying the plugin's options into Megatron's layers.
 
-Usable two ways:
-  * the plugin's pretrain entry sets `transformer_layer_spec = partial(moe_ext_decoder_block_spec,
-    ext_cfg=...)` on the GPTModelConfig;
-  * from a Megatron-LM checkout: `--spec megatron_moe_ext.mcore.specs moe_ext_decoder_block_spec`
-    (the options are then read from Megatron's global args, which must include the plugin's flags).
+Usable two ways, both through `training/plugin.configure_model`, which binds the plugin's config:
+  * the plugin's pretrain entry (and the patched Megatron-LM `pretrain_gpt.py`) install
+    `partial(moe_ext_decoder_block_spec, ext_cfg=...)` on the GPTModelConfig;
+  * `--spec megatron_moe_ext.mcore.specs moe_ext_decoder_block_spec` names this function, and
+    `configure_model` binds the config to it the same way. The spec never reads Megatron's
+    global args.
 
 The block starts as Megatron's own default for the model (`default_layer_spec`: TE or local,
 MoE placement by `--moe-layer-freq`) and only the MoE layers' submodules are replaced, so every
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from typing import Any, Callable, Optional
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -30,11 +32,8 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
     from megatron.training.models.gpt import default_layer_spec
 
     if ext_cfg is None:
-        from megatron.training import get_args
-
-        from megatron_moe_ext.args import moe_ext_config_from_args
-
-        ext_cfg = moe_ext_config_from_args(get_args())
+        raise ValueError("moe_ext_decoder_block_spec needs the plugin's config (ext_cfg); "
+                         "megatron_moe_ext.training.plugin.configure_model binds it.")
     block = default_layer_spec(model_cfg, vp_stage)
     router_cls = router_class_for(ext_cfg)
     layer_cls = None
@@ -59,23 +58,15 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
 
 
 def router_class_for(ext_cfg: MoEExtConfig) -> Optional[Callable]:
-    """The router builder for the configured policy; None keeps Megatron's TopKRouter."""
-    if ext_cfg.router_policy == "topk":
-        if ext_cfg.scmoe == "dgmoe":  # its current pass excludes experts: a PolicyRouter can
-            from megatron_moe_ext.mcore.router import TopKPolicyRouter
+    """The router builder for the configured policy (routing/policies' registry names the
+    adapter class); None keeps Megatron's own TopKRouter for plain top-k."""
+    from megatron_moe_ext.routing.policies import get_policy
 
-            return TopKPolicyRouter
-        return None
-    if ext_cfg.router_policy == "c2r":
-        from megatron_moe_ext.mcore.router import C2RRouter
-
-        return functools.partial(C2RRouter, ext_cfg=ext_cfg)
-    if ext_cfg.router_policy in ("locmoe", "locmoe-plus"):
-        from megatron_moe_ext.mcore.router import LocMoEPlusRouter, LocMoERouter
-
-        cls = LocMoERouter if ext_cfg.router_policy == "locmoe" else LocMoEPlusRouter
-        return functools.partial(cls, ext_cfg=ext_cfg)
-    raise NotImplementedError(f"--moe-router-policy {ext_cfg.router_policy} has no router yet.")
+    if ext_cfg.router_policy == "topk" and ext_cfg.scmoe != "dgmoe":
+        return None  # DGMoE's current pass excludes experts, which needs a PolicyRouter
+    module, name = get_policy(ext_cfg.router_policy).router.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    return cls if ext_cfg.router_policy == "topk" else functools.partial(cls, ext_cfg=ext_cfg)
 
 
 def replace_moe_submodules(block: Any, *, layer_cls: Optional[Callable] = None, **submodules: Any) -> Any:

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_moe_ext.routing.topology import EPTopology
+
 
 def coactivation_counts(routing_map: torch.Tensor) -> torch.Tensor:
     """BoolTensor[T, E] -> Float64Tensor[E, E], C = M^T M (symmetric; diagonal = expert load).
@@ -74,21 +76,19 @@ def partner_lists(coact: torch.Tensor, top_t: int, *, expert_to_rank: Optional[t
     return order[:, :top_t].contiguous()
 
 
-def default_partner_lists(num_experts: int, ep_size: int, top_t: int) -> torch.Tensor:
+def default_partner_lists(topology: EPTopology, top_t: int) -> torch.Tensor:
     """Partners without a profile: co-resident experts first, then the experts of the next
     ranks in cyclic order (r+1, r+2, ...), each block by index. LongTensor[E, top_t].
 
     So top_t <= experts_per_rank - 1 keeps every token on one rank, and top_t = E - 1 allows
     every expert, i.e. plain top-k."""
-    if num_experts % ep_size:
-        raise ValueError(f"{num_experts} experts do not divide over {ep_size} EP ranks.")
-    if not 0 <= top_t <= num_experts - 1:
-        raise ValueError(f"top_t {top_t} must be between 0 and {num_experts - 1} (experts - 1).")
-    L = num_experts // ep_size
-    e = torch.arange(num_experts)
-    rank = e // L
+    E, ep, L = topology.num_experts, topology.ep_size, topology.experts_per_rank
+    if not 0 <= top_t <= E - 1:
+        raise ValueError(f"top_t {top_t} must be between 0 and {E - 1} (experts - 1).")
+    e = torch.arange(E)
+    rank = topology.expert_to_rank()
     # distance of every expert's rank from expert i's rank, cyclic; then the index breaks ties
-    rank_dist = (rank.unsqueeze(0) - rank.unsqueeze(1)) % ep_size                # [E, E]
-    key = rank_dist * num_experts + (e.unsqueeze(0) - rank.unsqueeze(0) * L)     # rank block, then slot
-    key.fill_diagonal_(num_experts * ep_size + 1)                               # self last
+    rank_dist = (rank.unsqueeze(0) - rank.unsqueeze(1)) % ep                # [E, E]
+    key = rank_dist * E + (e.unsqueeze(0) - rank.unsqueeze(0) * L)          # rank block, then slot
+    key.fill_diagonal_(E * ep + 1)                                          # self last
     return torch.argsort(key, dim=1)[:, :top_t].contiguous()

@@ -16,19 +16,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
-
-
-def node_local_expert_mask(num_experts: int, ep_size: int, ep_rank: Union[int, torch.Tensor],
-                           ep_ranks_per_node: int, expert_to_rank: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Experts living on the same node as `ep_rank` (EP ranks consecutive per node): BoolTensor[E]
-    for one rank, BoolTensor[T, E] for a LongTensor[T] of token source ranks."""
-    rank = torch.as_tensor(ep_rank)
-    if expert_to_rank is None:
-        expert_to_rank = torch.arange(num_experts, device=rank.device) // (num_experts // ep_size)
-    return (expert_to_rank // ep_ranks_per_node) == (rank // ep_ranks_per_node).unsqueeze(-1)
 
 
 def localized_distribution(local_mask: torch.Tensor, eps: float) -> torch.Tensor:

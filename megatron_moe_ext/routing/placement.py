@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from megatron_moe_ext.routing.collaboration import partner_lists
+from megatron_moe_ext.routing.topology import EPTopology
 
 
 def intra_rank_fraction(coact: torch.Tensor, expert_to_rank: torch.Tensor) -> float:
@@ -59,7 +60,7 @@ def balanced_placement(coact: torch.Tensor, ep_size: int, *, restarts: int = 8, 
     g = torch.Generator().manual_seed(seed)
     best, best_score = None, -1.0
     for r in range(max(1, restarts)):
-        start = torch.arange(E) // L if r == 0 else torch.randperm(E, generator=g) // L
+        start = EPTopology(E, ep_size, ep_size).expert_to_rank() if r == 0 else torch.randperm(E, generator=g) // L
         rank = _improve(c, start, ep_size, max_swaps)
         score = intra_rank_fraction(c, rank)
         if score > best_score + 1e-12:
@@ -100,7 +101,7 @@ def plan_layer(coact: torch.Tensor, ep: int, top_t: int, *, co_resident_only: bo
     LongTensor[E, top_t] indexed by physical slot, report {"planned", "identity", "random"} of
     intra-rank co-activation shares)."""
     E = coact.shape[0]
-    identity = torch.arange(E) // (E // ep)
+    identity = EPTopology(E, ep, ep).expert_to_rank()
     rank = identity if keep_placement else balanced_placement(coact, ep, seed=seed)
     slot = expert_to_slot_from_ranks(rank, ep)
     logical = partner_lists(coact, top_t, expert_to_rank=rank, co_resident_only=co_resident_only)

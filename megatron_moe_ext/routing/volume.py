@@ -21,19 +21,14 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from megatron_moe_ext.routing.topology import EPTopology
+
 COUNT_FIELDS = (
     "tokens",
     "pair_rows", "pair_remote_rows", "pair_inter_node_rows",   # stock: (token, expert) pairs
     "rank_rows", "rank_remote_rows", "rank_inter_node_rows",   # dedup: (token, EP rank) pairs
 )
 NUM_FIELDS = len(COUNT_FIELDS)
-
-
-def contiguous_expert_to_rank(num_experts: int, ep_size: int, device=None) -> torch.Tensor:
-    """Megatron's placement: expert e lives on EP rank e // (E / ep). Returns LongTensor[E]."""
-    if num_experts % ep_size:
-        raise ValueError(f"{num_experts} experts do not divide over {ep_size} EP ranks.")
-    return torch.arange(num_experts, device=device) // (num_experts // ep_size)
 
 
 def dispatch_counts(routing_map: torch.Tensor, *, ep_size: int, ep_ranks_per_node: int,
@@ -54,7 +49,7 @@ def dispatch_counts(routing_map: torch.Tensor, *, ep_size: int, ep_ranks_per_nod
     T, E = routing_map.shape
     dev = routing_map.device
     if expert_to_rank is None:
-        expert_to_rank = contiguous_expert_to_rank(E, ep_size, dev)
+        expert_to_rank = EPTopology(E, ep_size, ep_ranks_per_node).expert_to_rank(dev)
     rank_of_expert = torch.nn.functional.one_hot(expert_to_rank.to(dev), ep_size).double()  # [E, ep]
     hits = routing_map.double() @ rank_of_expert                                           # [T, ep]
     src = torch.as_tensor(src_ep_rank, device=dev).expand(T)                               # [T]

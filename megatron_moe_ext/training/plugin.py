@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional
 
-from megatron_moe_ext.args import add_moe_ext_args, moe_ext_config_from_args
-from megatron_moe_ext.config import MoEExtConfig
+from megatron_moe_ext.args import add_moe_ext_args, exit_with, moe_ext_config_from_args
+from megatron_moe_ext.config import MoEExtConfig, MoEExtConfigError
+from megatron_moe_ext.errors import UserError
 from megatron_moe_ext.training.run_hooks import finish_run  # noqa: F401  (re-exported for entries)
 
 
@@ -44,8 +45,12 @@ def configure_model(args: Any, model_cfg: Any) -> MoEExtConfig:
     apply_router_padding_fix()
     ext_cfg = moe_ext_config_from_args(args)
     if ext_cfg.c2r_plan:
-        _check_placement(args, ext_cfg.c2r_plan)
-    if model_cfg.transformer_layer_spec is None:
+        try:
+            _check_placement(args, ext_cfg.c2r_plan)
+        except UserError as e:
+            exit_with(e)
+    # ours by default, or named by `--spec megatron_moe_ext.mcore.specs moe_ext_decoder_block_spec`
+    if model_cfg.transformer_layer_spec in (None, moe_ext_decoder_block_spec):
         model_cfg.transformer_layer_spec = functools.partial(moe_ext_decoder_block_spec,
                                                              ext_cfg=ext_cfg)
     install_run_hooks(model_cfg, ext_cfg)
@@ -54,25 +59,17 @@ def configure_model(args: Any, model_cfg: Any) -> MoEExtConfig:
 
 def _check_placement(args: Any, plan_path: str) -> None:
     """A plan that moves experts must meet a checkpoint re-placed by it; checkpoints this run
-    saves are in the plan's order, so they get the same marker."""
-    import json
+    saves are in the plan's order, so they get the same marker (written by one rank)."""
     import os
 
-    from megatron_moe_ext.args import _exit_with
-    from megatron_moe_ext.convert.apply_placement import (
-        MARKER,
-        check_plan_applied,
-        plan_sha256,
-    )
+    from megatron_moe_ext.files.plan import check_plan_applied, write_placement_marker
 
     load = getattr(args, "load", None)
     if load and os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt")):
         reason = check_plan_applied(load, plan_path)
         if reason:
-            _exit_with(f"--moe-c2r-plan {reason}")
+            raise MoEExtConfigError(f"--moe-c2r-plan {reason}")
     save = getattr(args, "save", None)
-    if save:
-        os.makedirs(save, exist_ok=True)
-        with open(os.path.join(save, MARKER), "w") as f:
-            json.dump({"plan": os.path.abspath(plan_path), "plan_sha256": plan_sha256(plan_path),
-                       "source": "trained with this plan"}, f, indent=1)
+    # torch.distributed is not initialised yet here: the launcher's RANK says which rank we are
+    if save and int(os.environ.get("RANK", "0")) == 0:
+        write_placement_marker(save, plan_path, source="trained with this plan")

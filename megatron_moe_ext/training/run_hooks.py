@@ -1,7 +1,11 @@
 """What the plugin adds to Megatron's training loop without forking it.
 
-* a post-wrap hook on the model config that attaches the `moe_ext/*` metrics recorder to every
-  router of the built model;
+* a post-wrap hook on the model config that keeps the built model and attaches the `moe_ext/*`
+  metrics recorder to every router of it;
+* a wrapper around `megatron.training.training.train_step` that, after each optimizer step and on
+  every rank, advances the modules' per-iteration state (mcore/iteration.py: C2R's warm-up
+  freeze, LocMoE's bias switch and capacity estimate, LocMoE+'s re-estimate, the FP8 weight
+  cache), so nothing of it changes inside a forward;
 * a wrapper around `megatron.training.training.training_log` (called on every rank once per
   iteration) that reports those metrics every `--log-interval` iterations and appends the losses to
   the JSON-lines run log (`--moe-ext-run-log`);
@@ -23,7 +27,8 @@ import torch
 
 from megatron_moe_ext.config import MoEExtConfig
 
-_STATE: Dict[str, Any] = {"recorder": None, "ext_cfg": None, "last_time": None, "eval_ctx": None}
+_STATE: Dict[str, Any] = {"recorder": None, "ext_cfg": None, "last_time": None, "eval_ctx": None,
+                          "model": None}
 
 
 def install_run_hooks(model_cfg: Any, ext_cfg: MoEExtConfig) -> None:
@@ -31,21 +36,42 @@ def install_run_hooks(model_cfg: Any, ext_cfg: MoEExtConfig) -> None:
     from megatron.training import training as mt_training
 
     _STATE["ext_cfg"] = ext_cfg
-    if ext_cfg.ext_metrics or ext_cfg.save_routing_trace or ext_cfg.profile_collaboration:
-        model_cfg.post_wrap_hooks.append(_attach_recorder)
+    model_cfg.post_wrap_hooks.append(_keep_model)
     if not getattr(mt_training.training_log, "_moe_ext_wrapped", False):
+        mt_training.train_step = _wrap_train_step(mt_training.train_step)
         mt_training.training_log = _wrap_training_log(mt_training.training_log)
         mt_training.evaluate = _wrap_evaluate(mt_training.evaluate)
         mt_training.evaluate_and_print_results = _wrap_evaluate_and_print(
             mt_training.evaluate_and_print_results)
 
 
-def _attach_recorder(model):
-    from megatron_moe_ext.mcore.metrics_hook import MoEMetricsRecorder
-
+def _keep_model(model):
     ext_cfg = _STATE["ext_cfg"]
-    _STATE["recorder"] = MoEMetricsRecorder.from_config(model, ext_cfg)
+    _STATE["model"] = model
+    if ext_cfg.ext_metrics or ext_cfg.save_routing_trace or ext_cfg.profile_collaboration:
+        from megatron_moe_ext.mcore.metrics_hook import MoEMetricsRecorder
+
+        _STATE["recorder"] = MoEMetricsRecorder.from_config(model, ext_cfg)
     return model
+
+
+def _wrap_train_step(original):
+    @functools.wraps(original)
+    def train_step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        from megatron_moe_ext.mcore.iteration import end_iteration
+
+        # Megatron passes the iterations completed before this step; this one is the next
+        iteration = kwargs.get("iteration")
+        if iteration is None:
+            from megatron.training import get_args
+
+            iteration = get_args().curr_iteration
+        if _STATE["model"] is not None:
+            end_iteration(_STATE["model"], int(iteration) + 1)
+        return result
+
+    return train_step
 
 
 def _is_logging_rank() -> bool:
