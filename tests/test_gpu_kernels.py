@@ -25,7 +25,7 @@ pytestmark = [
                                             "(CPU variants: tests/test_fp8_experts.py, tests/test_swiglu_kernel.py)"),
 ]
 
-# The plugin's own test for FP8 (fp8_grouped_mlp.fp8_supported): e4m3 casts in Triton and FP8 GEMMs
+# The plugin's own FP8 condition (fp8_grouped_mlp.fp8_supported): e4m3 casts in Triton and FP8 GEMMs
 # need Ada/Hopper or newer. (Without CUDA the module's skip above gives the reason.)
 fp8 = pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability() < (8, 9),
                          reason="FP8 (e4m3) needs compute capability >= 8.9 (Ada, Hopper or newer): "
