@@ -1,7 +1,7 @@
 """FP8 torch experts: quantizers (torch and the Triton kernels, the latter through Triton's CPU
 interpreter), the emulated FP8 forward and dgrad against references, the weight-quantization
-cache, and the refusal without an FP8 GPU. The GEMM kernel itself runs only on Hopper:
-benchmarks/expert_kernels_gpu.py checks it against the emulation there."""
+cache, and the refusal without an FP8 GPU. The GEMM kernel itself runs only on an FP8 GPU:
+tests/test_gpu_kernels.py (`pytest -m gpu`) checks it against the emulation there."""
 
 import os
 import subprocess
@@ -63,7 +63,7 @@ print("ok")
 def test_triton_quantizers_match_the_reference_in_the_interpreter():
     """Same scales and (after the cast) the same e4m3 values. The kernels write float32 here:
     Triton's interpreter casts to float8 wrongly (124.7 -> 64); the GPU's cast is checked in
-    benchmarks/expert_kernels_gpu.py."""
+    tests/test_gpu_kernels.py."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True,

@@ -1,5 +1,6 @@
 """The weighted SwiGLU Triton kernels (forward and backward) against float64 autograd, run on
-CPU through Triton's interpreter; and the torch experts choosing them."""
+CPU through Triton's interpreter; and the torch experts choosing them. The compiled kernels on
+the GPU: tests/test_gpu_kernels.py (`pytest -m gpu`)."""
 
 import os
 import subprocess
