@@ -135,3 +135,29 @@ def test_every_entry_is_documented_and_names_are_unique():
     assert len(names) == len(set(names))
     for p in registry.PATCHES:
         assert p.scope in registry.SCOPES and p.reason and p.versions
+
+
+STUB_CHECK = """
+import sys
+sys.modules["triton"] = None  # as on a CPU torch wheel: `import triton` raises ImportError
+from megatron_moe_ext.compat.cpu import enable_cpu_compat
+enable_cpu_compat()
+import megatron.core.transformer.moe.token_dispatcher  # reaches paged_stash
+from megatron_moe_ext.compat.megatron_0_19 import patch_named
+name = "megatron.core.transformer.moe.ops.paged_stash"
+stub, patch = sys.modules[name], patch_named("cpu-paged-stash-stub")
+assert patch.applied and stub.GLOBAL_BLOCK_SIZE == 1024
+patch.revert()
+assert name not in sys.modules
+"""
+
+
+def test_without_triton_the_cpu_layer_stubs_paged_stash_and_revert_removes_the_stub():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", STUB_CHECK], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
