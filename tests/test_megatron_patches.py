@@ -89,13 +89,15 @@ def test_run_hooks_are_installed_and_removed_through_the_registry(megatron_cpu):
             registry.apply_patches("training", RUN_HOOK_WRAPPERS)
 
 
-def test_a_megatron_outside_the_checked_range_warns_once(megatron_cpu, monkeypatch):
+@pytest.mark.parametrize("version", ["0.20.1", "0.19.0", "unknown"])
+def test_a_megatron_outside_the_checked_range_warns_once(megatron_cpu, monkeypatch, version):
     import megatron.core
 
-    monkeypatch.setattr(megatron.core, "__version__", "0.20.1")
+    monkeypatch.setattr(megatron.core, "__version__", version)
     monkeypatch.setattr(registry, "_VERSION_WARNED", False)
     with pytest.warns(registry.MegatronVersionWarning,
-                      match=r"megatron-core 0\.20\.1 is outside .* \(>=0\.19\.2,<0\.20\)"):
+                      match=rf"megatron-core {re.escape(version)} is outside .* "
+                            r"\(>=0\.19\.2,<0\.20\)"):
         registry.apply_patches("always")
     with warnings.catch_warnings():
         warnings.simplefilter("error", registry.MegatronVersionWarning)

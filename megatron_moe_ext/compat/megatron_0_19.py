@@ -364,7 +364,7 @@ def apply_patches(scope: Scope, replacements: Optional[Mapping[str, Replacement]
 
 
 def revert_patches(scope: Scope) -> None:
-    """Put back the originals of the scope's installed patches (latest installed first)."""
+    """Put back the originals of the scope's installed patches (in reverse registry order)."""
     for p in reversed(patches_in(scope)):
         p.revert()
 
@@ -378,10 +378,16 @@ def check_megatron_version() -> bool:
     global _VERSION_WARNED
     import megatron.core
     from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
 
     version = megatron.core.__version__
+    try:
+        parsed: Optional[Version] = Version(version)
+    except InvalidVersion:
+        parsed = None  # unknown: every range counts as missed
     outside = sorted({p.versions for p in PATCHES
-                      if not SpecifierSet(p.versions).contains(version, prereleases=True)})
+                      if parsed is None or not SpecifierSet(p.versions).contains(parsed,
+                                                                                  prereleases=True)})
     if outside and not _VERSION_WARNED:
         _VERSION_WARNED = True
         warnings.warn(
