@@ -157,6 +157,7 @@ def _pad_a_copy(original: Callable) -> Callable:
 
 
 def _paged_stash_stub(original: Any) -> types.ModuleType:
+    # Only this module, not triton itself: a stub triton breaks torch.compile.
     stub = types.ModuleType("megatron.core.transformer.moe.ops.paged_stash")
     stub.GLOBAL_BLOCK_SIZE = 1024
 
