@@ -230,13 +230,11 @@ def main() -> None:
     args = p.parse_args()
 
     init_single_gpu_megatron(port=29513)
-    from megatron.core.transformer.moe import token_dispatcher
-
+    from megatron_moe_ext.compat.megatron_0_19 import patch_named
     from megatron_moe_ext.config import MoEExtConfig
     from megatron_moe_ext.mcore.router import C2RRouter, LocMoERouter
-    from megatron_moe_ext.mcore.router_padding_fix import apply_router_padding_fix
 
-    stock_pad = token_dispatcher.pad_routing_map
+    padding_fix = patch_named("router-padding-out-of-place")
 
     peak = matmul_peak_tflops()
     print(f"{torch.cuda.get_device_name()}: BF16 8192^3 matmul {peak:.0f} TFLOP/s")
@@ -261,7 +259,7 @@ def main() -> None:
             row = {}
             try:
                 if backend.endswith("(fixed)"):
-                    apply_router_padding_fix()
+                    padding_fix.apply()
                 layer = stock if backend == "stock sequential" else build(shape, backend)
                 if layer is not stock:
                     copy_weights(stock, layer)
@@ -278,7 +276,7 @@ def main() -> None:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             finally:
                 if backend.endswith("(fixed)"):
-                    token_dispatcher.pad_routing_map = stock_pad
+                    padding_fix.revert()
             rows[backend] = row
             layer = None
             torch.cuda.empty_cache()

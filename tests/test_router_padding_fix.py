@@ -9,22 +9,25 @@ import torch
 def test_padding_a_saved_routing_map_breaks_backward_and_the_fix_does_not(megatron_cpu):
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    from megatron_moe_ext.mcore.router_padding_fix import apply_router_padding_fix
+    from megatron_moe_ext.compat.megatron_0_19 import patch_named
 
-    torch.manual_seed(0)
-    logits = torch.randn(10, 4, requires_grad=True)
-    routing_map = torch.zeros(10, 4, dtype=torch.bool).scatter(1, logits.topk(2, dim=1).indices, True)
-    expected = moe_utils.pad_routing_map(routing_map.clone(), 8)
-    assert (expected.sum(0) % 8 == 0).all() and expected.sum() > routing_map.sum()
-
-    saved = logits * routing_map  # autograd keeps routing_map for backward
-    moe_utils.pad_routing_map(routing_map, 8)  # stock: in place
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        saved.sum().backward()
-
-    original = token_dispatcher.pad_routing_map
+    fix = patch_named("router-padding-out-of-place")
+    was_applied = fix.applied  # the CPU layer applies the "always" patches
+    fix.revert()
     try:
-        apply_router_padding_fix()
+        assert token_dispatcher.pad_routing_map is moe_utils.pad_routing_map
+        torch.manual_seed(0)
+        logits = torch.randn(10, 4, requires_grad=True)
+        routing_map = torch.zeros(10, 4, dtype=torch.bool).scatter(1, logits.topk(2, dim=1).indices, True)
+        expected = moe_utils.pad_routing_map(routing_map.clone(), 8)
+        assert (expected.sum(0) % 8 == 0).all() and expected.sum() > routing_map.sum()
+
+        saved = logits * routing_map  # autograd keeps routing_map for backward
+        token_dispatcher.pad_routing_map(routing_map, 8)  # stock: in place
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.sum().backward()
+
+        fix.apply()
         routing_map = torch.zeros(10, 4, dtype=torch.bool).scatter(1, logits.topk(2, dim=1).indices, True)
         before = routing_map.clone()
         saved = logits * routing_map
@@ -32,4 +35,6 @@ def test_padding_a_saved_routing_map_breaks_backward_and_the_fix_does_not(megatr
         saved.sum().backward()
         assert torch.equal(padded, expected) and torch.equal(routing_map, before)
     finally:
-        token_dispatcher.pad_routing_map = original
+        fix.revert()
+        if was_applied:
+            fix.apply()

@@ -10,21 +10,22 @@ Megatron's own MoELayer, GPTModel and the whole `pretrain()` loop (EP=2 over 2 g
 included) instead of a re-implementation. It is explicit and refuses to run where CUDA is usable:
 on a GPU machine nothing here is ever active.
 
-What it does, in two layers:
+What it does:
   * `torch.cuda` stand-ins: streams/events become no-ops, `current_device()` reports the CPU,
     `device_count()` reports 1 (Megatron skips model-parallel initialisation with 0 devices), RNG
     state functions use the CPU generator, memory statistics read 0.
   * a `TorchFunctionMode` that rewrites every `device="cuda"`, `.cuda()` and `.to("cuda")` to the
     CPU: `megatron.training`, the optimizer and DDP do this about a hundred times.
   * torch.compile disabled (Megatron's `jit_fuser` helpers then run eagerly);
-  * targeted fixes: the all-to-all split sizes (lists, not tensors), the triton-only paged-stash
-    module and the JIT fusion options (and `megatron/wheel_fixes.py`, needed on GPUs too).
+  * the all-to-all split sizes turned into lists (the dispatcher leaves them tensors on CPU);
+  * the patches on Megatron itself, scopes "cpu" and "always" of `compat/megatron_0_19.py` (the
+    triton-only paged-stash module, CPU RNG state for recomputation and checkpoints, JIT fusion
+    options, `initialize_megatron(allow_no_cuda=True)`, the wheel's `compile_helpers`, ...).
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 import types
 from typing import Any
 
@@ -59,7 +60,6 @@ def enable_cpu_compat() -> None:
             "enable_cpu_compat() is for CPU-only machines; CUDA is available here, so run Megatron "
             "on the GPU without the compatibility layer."
         )
-    _stub_paged_stash_if_no_triton()
     # Megatron wraps small helpers in torch.compile (`jit_fuser`); with torch.cuda patched, inductor
     # picks CUDA codegen and fails, and compiling for the CPU would only add start-up time.
     import torch._dynamo.config as dynamo_config
@@ -69,7 +69,7 @@ def enable_cpu_compat() -> None:
     _patch_all_to_all_splits()
     _DeviceToCpuMode().__enter__()  # stays pushed for the life of the process
     _ENABLED = True
-    _patch_megatron_modules()
+    _patch_megatron_modules()  # imports megatron, so after the torch.cuda stand-ins
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,93 +199,22 @@ class _DeviceToCpuMode(TorchFunctionMode):
 
 
 # --------------------------------------------------------------------------------------------
-# targeted fixes inside megatron
-
-
-def _stub_paged_stash_if_no_triton() -> None:
-    """`moe/ops/paged_stash.py` imports triton unguarded and is reached from `megatron.core`'s
-    import chain; CPU torch wheels ship no triton. Stubbing triton itself breaks torch.compile,
-    so stub only that module (its kernels are used only by the CUDA paged-stash feature)."""
-    try:
-        import triton  # noqa: F401
-        return
-    except ImportError:
-        pass
-    name = "megatron.core.transformer.moe.ops.paged_stash"
-    if name in sys.modules:
-        return
-    stub = types.ModuleType(name)
-    stub.GLOBAL_BLOCK_SIZE = 1024
-
-    def _unavailable(*a: Any, **k: Any) -> None:
-        raise RuntimeError("--moe-paged-stash needs triton and CUDA; it is unavailable on CPU.")
-
-    stub.paged_stash_copy_kernel = _unavailable
-    stub.paged_stash_pop_kernel = _unavailable
-    sys.modules[name] = stub
+# megatron
 
 
 def _patch_megatron_modules() -> None:
-    """Patches on megatron modules; safe to call whether or not megatron.training is used."""
-    from megatron_moe_ext.mcore.wheel_fixes import apply_wheel_fixes
+    """The patches on Megatron itself live in megatron_0_19.py (scopes "cpu" and "always")."""
+    from megatron_moe_ext.compat.megatron_0_19 import apply_patches
 
-    apply_wheel_fixes()
-    _let_recomputation_save_cpu_rng()
-    try:
-        from megatron.training import initialize as mt_init
-        from megatron.training import training as mt_training
-    except ImportError:  # megatron.training needs Python >= 3.12 and its optional deps
-        return
-    _let_checkpoints_round_trip_cpu_rng()
-    mt_init.set_jit_fusion_options = _fresh(_noop)
-    mt_training.set_jit_fusion_options = mt_init.set_jit_fusion_options
-    original_init = mt_init.initialize_megatron
-    if not getattr(original_init, "_moe_ext_wrapped", False):
-        @functools.wraps(original_init)
-        def initialize_megatron(*args: Any, **kwargs: Any):
-            kwargs["allow_no_cuda"] = True
-            return original_init(*args, **kwargs)
-
-        initialize_megatron._moe_ext_wrapped = True
-        mt_init.initialize_megatron = initialize_megatron
-        mt_training.initialize_megatron = initialize_megatron
-
-
-def _let_recomputation_save_cpu_rng() -> None:
-    """Activation recomputation saves and restores "the CUDA RNG state" around each checkpointed
-    chunk through `_get/_set_cuda_rng_state`, which reach CUDA's default generators directly;
-    on CPU the CPU generator is the one dropout draws from, so that is the state to keep."""
-    from megatron.core.tensor_parallel import random as tp_random
-
-    tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-
-
-def _let_checkpoints_round_trip_cpu_rng() -> None:
-    """On CPU the inference RNG tracker holds no states (there are no per-rank CUDA generators),
-    and Megatron's checkpoint loader reads an empty tracker as "this checkpoint has no RNG state"
-    and exits. Report one placeholder state so a resume restores the CPU, numpy and Python
-    generators, which Megatron saves beside it, and continues exactly where the run stopped."""
-    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
-
-    original = CudaRNGStatesTracker.get_states
-    if getattr(original, "_moe_ext_wrapped", False):
-        return
-
-    @functools.wraps(original)
-    def get_states(self):
-        states = original(self)
-        if not states and getattr(self, "is_inference_rng_tracker", False):
-            states = {"cpu-compat-placeholder": torch.zeros(1, dtype=torch.uint8)}
-        return states
-
-    get_states._moe_ext_wrapped = True
-    CudaRNGStatesTracker.get_states = get_states
+    # "cpu" first: it holds the paged-stash stub, which must precede any import of megatron.
+    apply_patches("cpu")
+    apply_patches("always")
 
 
 def reset_rng_tracker_for_cpu() -> None:
     """Local attention forks the model-parallel CUDA RNG on every forward; the inference tracker
-    makes `add`/`fork` no-ops, which is what a CPU run needs (no per-rank CUDA generators)."""
+    makes `add`/`fork` no-ops, which is what a CPU run needs (no per-rank CUDA generators).
+    Not a patch: Megatron's own API, called after each (re)initialisation of model parallelism."""
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)

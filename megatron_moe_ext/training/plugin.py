@@ -36,13 +36,11 @@ def extra_args_provider(chain: Optional[Callable] = None) -> Callable:
 def configure_model(args: Any, model_cfg: Any) -> MoEExtConfig:
     """Validate the plugin's flags (exit with one sentence if invalid), install the plugin's block
     spec unless `--spec` chose another, and register the run hooks. Returns the config."""
-    from megatron_moe_ext.mcore.router_padding_fix import apply_router_padding_fix
+    from megatron_moe_ext.compat.megatron_0_19 import apply_patches
     from megatron_moe_ext.mcore.specs import moe_ext_decoder_block_spec
-    from megatron_moe_ext.mcore.wheel_fixes import apply_wheel_fixes
     from megatron_moe_ext.training.run_hooks import install_run_hooks
 
-    apply_wheel_fixes()
-    apply_router_padding_fix()
+    apply_patches("always")  # the wheel's compile_helpers, the router-padding fix
     ext_cfg = moe_ext_config_from_args(args)
     if ext_cfg.c2r_plan:
         try:

@@ -12,7 +12,9 @@
 * wrappers around `evaluate_and_print_results` and `evaluate` that append validation and test
   losses, with the iteration they belong to, to the run log.
 
-The wrappers call the original function first and change nothing it does or prints.
+The wrappers call the original function first and change nothing it does or prints. Replacing
+Megatron's functions with them goes through the patch registry (scope "training" of
+`compat/megatron_0_19.py`), which keeps the originals and can put them back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -33,16 +35,13 @@ _STATE: Dict[str, Any] = {"recorder": None, "ext_cfg": None, "last_time": None, 
 
 def install_run_hooks(model_cfg: Any, ext_cfg: MoEExtConfig) -> None:
     """Register the hooks for one training run (call once, before pretrain())."""
-    from megatron.training import training as mt_training
+    from megatron_moe_ext.compat.megatron_0_19 import apply_patches
 
     _STATE["ext_cfg"] = ext_cfg
     model_cfg.post_wrap_hooks.append(_keep_model)
-    if not getattr(mt_training.training_log, "_moe_ext_wrapped", False):
-        mt_training.train_step = _wrap_train_step(mt_training.train_step)
-        mt_training.training_log = _wrap_training_log(mt_training.training_log)
-        mt_training.evaluate = _wrap_evaluate(mt_training.evaluate)
-        mt_training.evaluate_and_print_results = _wrap_evaluate_and_print(
-            mt_training.evaluate_and_print_results)
+    # Idempotent: a second run in the same process keeps the installed wrappers, which read
+    # _STATE, so they serve the new run.
+    apply_patches("training", RUN_HOOK_WRAPPERS)
 
 
 def _keep_model(model):
@@ -119,7 +118,6 @@ def _wrap_training_log(original):
         _append_run_log(record)
         return result
 
-    training_log._moe_ext_wrapped = True
     return training_log
 
 
@@ -162,6 +160,15 @@ def _wrap_evaluate_and_print(original):
             _STATE["eval_ctx"] = None
 
     return evaluate_and_print_results
+
+
+# Registry entry name -> wrapper factory (the original function -> its wrapper).
+RUN_HOOK_WRAPPERS: Dict[str, Callable[[Callable], Callable]] = {
+    "run-hook-train-step": _wrap_train_step,
+    "run-hook-training-log": _wrap_training_log,
+    "run-hook-evaluate": _wrap_evaluate,
+    "run-hook-evaluate-context": _wrap_evaluate_and_print,
+}
 
 
 def finish_run() -> None:
