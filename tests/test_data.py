@@ -65,8 +65,10 @@ def test_second_call_is_cached_and_parameters_invalidate(prepared, sample_text):
     mtime = os.path.getmtime(prepared.tokenizer_model)
     again = prepare_data(prepared.output_dir, [sample_text], SMALL, verbose=False)
     assert again == prepared and os.path.getmtime(prepared.tokenizer_model) == mtime
+    # Other parameters replace the dataset only when asked to (see test_made_otherwise_is_refused...).
     other = prepare_data(prepared.output_dir, [sample_text],
-                         PrepareDataConfig(**{**SMALL.__dict__, "vocab_size": 420}), verbose=False)
+                         PrepareDataConfig(**{**SMALL.__dict__, "vocab_size": 420}), verbose=False,
+                         overwrite=True)
     assert os.path.getmtime(other.tokenizer_model) > mtime or other != prepared
 
 
