@@ -39,9 +39,12 @@ def run(ns: argparse.Namespace) -> int:
                             seed=ns.seed, encoding=ns.encoding)
     try:
         result = prepare_data(ns.output_dir, ns.input, cfg, overwrite=ns.overwrite)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ImportError) as e:
+        # An interrupt while a C extension initialises arrives as ImportError caused by it.
+        if not isinstance(e, KeyboardInterrupt) and not isinstance(e.__cause__, KeyboardInterrupt):
+            raise
         # prepare_data has removed its partial folder; the output is as it was.
-        print(f"megatron-moe-ext prepare-data: interrupted; {ns.output_dir} is as it was before.",
+        print(f"megatron-moe-ext prepare-data: error: interrupted; {ns.output_dir} is as it was before.",
               file=sys.stderr, flush=True)
         return 130
     print(result)

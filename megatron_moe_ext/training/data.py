@@ -388,6 +388,11 @@ def _build(out: Path, split_docs: dict, config: PrepareDataConfig, fingerprint: 
     """Write the dataset and return its manifest; on any failure (KeyboardInterrupt included)
     the partial folder and the parent folders made for it are removed, and `out` is untouched."""
     t0 = time.time()
+    # Imported before anything is written: an interrupt while a C extension initialises surfaces
+    # as ImportError rather than KeyboardInterrupt.
+    import sentencepiece  # noqa: F401
+    from megatron.core.datasets import indexed_dataset  # noqa: F401
+
     made = _make_parents(out.parent)
     tmp, done = None, False
     try:
