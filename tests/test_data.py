@@ -227,7 +227,7 @@ def test_killed_run_leaves_a_partial_folder_that_the_next_run_removes(tmp_path, 
     assert _hashes(sample_text) == inputs
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip-byte", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "flip-byte", "delete", "version-1-manifest"])
 def test_damaged_dataset_is_rebuilt_not_served(tmp_path, capsys, sample_text, damage):
     """A cache hit checks every file's size and sha256 against the manifest; a damaged file makes
     prepare-data say so and rebuild (today's code served a truncated .bin as "cached")."""
@@ -241,10 +241,15 @@ def test_damaged_dataset_is_rebuilt_not_served(tmp_path, capsys, sample_text, da
         victim.write_bytes(data[: len(data) // 2])
     elif damage == "flip-byte":
         victim.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
-    else:
+    elif damage == "delete":
         victim.unlink()
+    else:  # as the previous prepare-data wrote it: nothing to verify the files by
+        manifest = json.loads((out / "manifest.json").read_text())
+        del manifest["files"]
+        (out / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
     rc, _, err = _prepare(capsys, out, "--input", str(sample_text), *SMALL_ARGS)
-    assert rc == 0 and "train_text_document.bin" in err and "rebuilding" in err
+    named = "older prepare-data" if damage == "version-1-manifest" else "train_text_document.bin"
+    assert rc == 0 and named in err and "rebuilding" in err
     assert _folder_hashes(out).keys() == good.keys()
     assert victim.stat().st_size == len(data)
     _assert_round_trip(out, sample_text.read_text())
@@ -343,6 +348,20 @@ def test_vocabulary_too_large_is_a_sentence_and_leaves_nothing(tmp_path, capsys,
     assert 400 < largest < 100000
     assert os.listdir(tmp_path) == []  # neither the output nor the folder made for it
     assert _hashes(sample_text) == inputs
+
+
+def test_vocabulary_too_small_for_the_characters_is_a_sentence(tmp_path, capsys):
+    """1,500 distinct CJK characters need more than 400 pieces (SentencePiece's own check)."""
+    rng = random.Random(0)
+    cjk = tmp_path / "cjk.txt"
+    cjk.write_text("\n\n".join(" ".join("".join(chr(0x4E00 + rng.randrange(1500)) for _ in range(8))
+                                          for _ in range(30)) for _ in range(400)))
+    inputs = _hashes(cjk)
+    rc, _, err = _prepare(capsys, tmp_path / "out", "--input", str(cjk), *SMALL_ARGS)
+    assert rc == 2 and "--vocab-size 400 is too small" in _one_sentence(err) and "raise --vocab-size" in err
+    needed = int(re.search(r"at least (\d+)", err)[1])
+    assert 1500 < needed < 1800
+    assert os.listdir(tmp_path) == ["cjk.txt"] and _hashes(cjk) == inputs
 
 
 def test_output_dir_that_is_a_file_is_a_sentence(tmp_path, capsys, sample_text):

@@ -537,8 +537,10 @@ def _tokenizer_error(message: str, vocab_size: int) -> PrepareDataError:
                                 f"{too_high[1]}); lower --vocab-size or give more text.")
     too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
     if too_low:
-        return PrepareDataError(f"--vocab-size {vocab_size} is too small for this input, which has "
-                                f"about {too_low[1]} distinct characters; raise --vocab-size above that.")
+        # (SentencePiece's count: every distinct character, plus the byte and special pieces)
+        return PrepareDataError(f"--vocab-size {vocab_size} is too small for this input: its distinct "
+                                f"characters and the 260 byte and special pieces need at least "
+                                f"{too_low[1]}; raise --vocab-size.")
     detail = " ".join(message.split())
     return PrepareDataError(f"SentencePiece cannot train a {vocab_size}-token tokenizer on this input "
                             f"({detail}).")
