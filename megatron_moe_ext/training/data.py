@@ -359,11 +359,16 @@ def _damage(out: Path, manifest: dict) -> Optional[str]:
     files = manifest.get("files")
     if manifest.get("version") != SCHEMA_VERSION or not isinstance(files, dict):
         return "it was written by an older prepare-data without checksums to verify it by"
+    if not all(isinstance(manifest.get(k), dict) and manifest[k].keys() == set(SPLITS)
+               for k in ("documents", "tokens")):
+        return f"its {MANIFEST} lacks the document and token counts"
     missing = OWN_FILES - {MANIFEST, "tokenizer.vocab"} - files.keys()
     if missing:
         return f"its manifest lists no {sorted(missing)[0]}"
     for name, want in sorted(files.items()):
         path = out / name
+        if not isinstance(want, dict) or name not in OWN_FILES:
+            return f"its {MANIFEST} lists {name!r} oddly"
         if not path.is_file():
             return f"{name} is missing"
         size = path.stat().st_size
