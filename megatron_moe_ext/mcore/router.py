@@ -281,7 +281,12 @@ class C2RRouter(PolicyRouter):
             from megatron_moe_ext.routing.collaboration import coactivation_counts
             from megatron_moe_ext.routing.scores import indices_to_map
 
-            self._coact += coactivation_counts(indices_to_map(indices, self.config.num_moe_experts))
+            counts = coactivation_counts(indices_to_map(indices, self.config.num_moe_experts))
+            if self._coact.device != counts.device:
+                # built on the CPU (Megatron initialises routers there); model.cuda() moves
+                # buffers, not this plain attribute (a buffer would be cast by Float16Module)
+                self._coact = self._coact.to(counts.device)
+            self._coact += counts
 
     def on_iteration_end(self, iteration: int) -> None:
         """After iteration W of the warm-up: freeze co-resident partners from the counts summed
