@@ -1,0 +1,121 @@
+"""The HF modeling shipped for the plugin's policies (convert/hf/modeling_moe_ext.py) routes as the
+plugin's Megatron routers do, and loads from a folder with trust_remote_code in the per-expert
+layout on disk.
+
+Router-level references are the plugin's own Megatron routers (C2RRouter, LocMoEPlusRouter) on
+the real Megatron classes, with the same gate weights and inputs, in float32: chosen experts must
+be identical and probabilities equal within 1e-6 (the same float32 softmax over the same logits,
+summed in another order).
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from megatron_moe_ext.config import MoEExtConfig  # noqa: E402
+
+
+def _modeling():
+    from megatron_moe_ext.convert.hf import modeling_moe_ext
+
+    return modeling_moe_ext
+
+
+def _hf_config(policy: str, **kw):
+    m = _modeling()
+    return m.MoeExtQwen3MoeConfig(
+        moe_ext_policy=policy, vocab_size=128, hidden_size=16, intermediate_size=32,
+        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, num_experts=8, num_experts_per_tok=kw.pop("k", 2), max_position_embeddings=64,
+        tie_word_embeddings=False, **kw)
+
+
+def _megatron_router(common, policy_kw, **cfg_kw):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_moe_ext.mcore.specs import router_class_for
+
+    cfg = common.moe_config(num_moe_experts=8, **cfg_kw)
+    r = router_class_for(MoEExtConfig(**policy_kw))(config=cfg, pg_collection=get_default_pg_collection())
+    r.set_layer_number(1)
+    r.eval()
+    return r
+
+
+def _dense(values, indices, num_experts):
+    return torch.zeros(values.shape[0], num_experts).scatter_(1, indices, values.float())
+
+
+@pytest.mark.parametrize("k, pre_softmax", [(2, False), (3, False), (2, True)])
+def test_c2r_router_matches_the_megatron_router(megatron_cpu, k, pre_softmax):
+    torch.manual_seed(0)
+    r = _megatron_router(megatron_cpu, dict(router_policy="c2r", c2r_top_t=2), moe_router_topk=k,
+                         moe_router_pre_softmax=pre_softmax)
+    with torch.no_grad():
+        r.weight.normal_()
+    x = torch.randn(64, 1, 16)
+    with torch.no_grad():
+        probs, rmap = r(x)
+    m = _modeling()
+    # softmax after the top-k (Megatron's default) is Qwen3-MoE's renormalised top-k
+    hf = m.C2RTopKRouter(_hf_config("c2r", k=k, norm_topk_prob=not pre_softmax), r.c2r_partners.tolist())
+    with torch.no_grad():
+        hf.weight.copy_(r.weight)
+        _, values, indices = hf(x.view(-1, 16))
+    dense = _dense(values, indices, 8)
+    assert torch.equal(dense != 0, rmap)
+    torch.testing.assert_close(dense, probs.float(), rtol=0, atol=1e-6)
+
+
+def test_locmoe_plus_router_matches_the_megatron_router_without_drops(megatron_cpu):
+    torch.manual_seed(1)
+    # a capacity factor that drops nothing: inference is dropless
+    r = _megatron_router(megatron_cpu, dict(router_policy="locmoe-plus", locmoe_plus_tau=0.5),
+                         moe_router_topk=3, moe_expert_capacity_factor=100.0)
+    with torch.no_grad():
+        r.weight.add_(0.3 * torch.randn_like(r.weight))  # away from GrAP's ties
+    x = torch.randn(64, 1, 16)
+    with torch.no_grad():
+        probs, rmap = r(x)
+    hf = _modeling().LocMoEPlusRouter(_hf_config("locmoe-plus", k=3), tau=0.5)
+    with torch.no_grad():
+        hf.weight.copy_(r.weight)
+        _, values, indices = hf(x.view(-1, 16))
+    dense = _dense(values, indices, 8)
+    assert torch.equal(dense != 0, rmap)
+    assert (rmap.sum(1) < 3).any()  # the threshold did shorten some tokens' lists
+    torch.testing.assert_close(dense, probs.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["c2r", "locmoe-plus"])
+def test_folder_loads_with_trust_remote_code_in_the_per_expert_layout(tmp_path, policy):
+    from safetensors import safe_open
+
+    m = _modeling()
+    partners = {str(i): [[(e + 1) % 8, (e + 2) % 8] for e in range(8)] for i in range(2)}
+    cfg = _hf_config(policy, moe_ext_c2r_partners=partners if policy == "c2r" else None)
+    torch.manual_seed(2)
+    model = m.MoeExtQwen3MoeForCausalLM(cfg).eval()
+    model.config.auto_map = {"AutoConfig": "modeling_moe_ext.MoeExtQwen3MoeConfig",
+                             "AutoModelForCausalLM": "modeling_moe_ext.MoeExtQwen3MoeForCausalLM"}
+    out = tmp_path / "hf"
+    model.save_pretrained(out)
+    shutil.copy(m.__file__, out / "modeling_moe_ext.py")
+    keys = []
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            keys += list(sf.keys())
+    assert any(".mlp.experts.0.gate_proj.weight" in k for k in keys), keys[:10]
+    assert json.loads((out / "config.json").read_text())["moe_ext_policy"] == policy
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(loaded).__name__ == "MoeExtQwen3MoeForCausalLM"
+    tokens = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+        generated = loaded.generate(tokens[:1, :4], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9)
