@@ -17,12 +17,31 @@ there), never the plugin. The model is transformers' Qwen3-MoE with its router r
 
 Weights keep Qwen3-MoE's names (`mlp.gate.weight`, the experts), so the on-disk layout and its
 conversion on load are Qwen3-MoE's.
+
+ScMoE / DGMoE (`MoeExtScMoEForCausalLM`) is transformers' Qwen2-MoE with the layer wiring of the
+plugin's ScMoE layers: in MoE layer l+1 the routed experts read an earlier stream through their
+own `shortcut_layernorm`: the dense layer l's post-attention stream (pos2, and dgmoe after a dense
+layer) or the layer's own input (pos1; a first layer). pos1/pos2 add Qwen2-MoE's sigmoid-gated
+shared expert on the current (post-attention, normed) stream; dgmoe adds a second top-k pass of
+the same experts on the current stream that may not repeat an expert the routed pass chose.
+The earlier stream is taken by forward pre-hooks on the producing norms (`_StreamTap`), so the
+model's own forward, cache and masks stay transformers'.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
+from transformers.models.qwen2_moe.modeling_qwen2_moe import (
+    Qwen2MoeExperts,
+    Qwen2MoeForCausalLM,
+    Qwen2MoeMLP,
+    Qwen2MoeRMSNorm,
+    Qwen2MoeSparseMoeBlock,
+    Qwen2MoeTopKRouter,
+)
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeForCausalLM,
@@ -118,9 +137,98 @@ class MoeExtQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         self.post_init()
 
 
-def _load_like_qwen3_moe() -> None:
-    """Custom code gets no on-load weight conversion unless registered: reuse Qwen3-MoE's (the
-    per-expert layout on disk, fused in memory)."""
+SCMOE_MODES = ("pos1", "pos2", "dgmoe")
+
+
+class MoeExtScMoEConfig(Qwen2MoeConfig):
+    """Qwen2-MoE's config plus the ScMoE mode and, per MoE layer, where its routed input comes from."""
+
+    model_type = "moe_ext_scmoe"
+
+    def __init__(self, moe_ext_scmoe: str = "pos2", moe_ext_shortcut_sources=None, **kwargs):
+        if moe_ext_scmoe not in SCMOE_MODES:
+            raise ValueError(f"moe_ext_scmoe {moe_ext_scmoe!r} is not one of {', '.join(SCMOE_MODES)}.")
+        self.moe_ext_scmoe = moe_ext_scmoe
+        # {str(MoE layer index): index of the dense layer whose post-attention stream its routed
+        # experts read, or None for the layer's own input}
+        self.moe_ext_shortcut_sources = moe_ext_shortcut_sources or {}
+        super().__init__(**kwargs)
+
+
+class _StreamTap:
+    """Streams handed from the layer that makes them to the MoE layer that reads them, within one
+    forward (a plain object, not a module)."""
+
+    def __init__(self):
+        self.streams = {}
+
+    def keeper(self, key: int):
+        def hook(module, args):
+            self.streams[key] = args[0]
+        return hook
+
+    def take(self, key: int) -> torch.Tensor:
+        return self.streams.pop(key)
+
+
+class ScMoEBlock(nn.Module):
+    """The MoE block of an ScMoE/DGMoE layer: routed experts on the tapped stream, plus the gated
+    shared expert (pos1/pos2) or a second excluding pass (dgmoe) on the current one."""
+
+    def __init__(self, config: MoeExtScMoEConfig, tap: _StreamTap, key: int):
+        super().__init__()
+        self.mode, self.tap, self.key = config.moe_ext_scmoe, tap, key
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = Qwen2MoeTopKRouter(config)
+        self.experts = Qwen2MoeExperts(config)
+        if self.mode != "dgmoe":
+            self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.shortcut_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        """current [b, s, h] (the post-attention stream after post_attention_layernorm)."""
+        b, s, h = current.shape
+        # 1. the routed pass on the earlier stream, through the shortcut's own norm
+        routed_in = self.shortcut_layernorm(self.tap.take(self.key)).reshape(-1, h)
+        _, weights, chosen = self.gate(routed_in)
+        out = self.experts(routed_in, chosen, weights)
+        xc = current.reshape(-1, h)
+        if self.mode == "dgmoe":
+            # 2. the current pass: the same gate and experts, never an expert the routed pass chose
+            probs = torch.softmax(F.linear(xc, self.gate.weight), dtype=torch.float, dim=-1)
+            taken = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, chosen, True)
+            idx = probs.masked_fill(taken, float("-inf")).topk(self.gate.top_k, dim=-1).indices
+            w = probs.gather(1, idx)
+            if self.norm_topk_prob:
+                w = w / w.sum(dim=-1, keepdim=True)
+            out = out + self.experts(xc, idx, w.to(xc.dtype))
+        else:
+            # 2. the shared expert on the current stream, scaled by its sigmoid gate
+            out = out + torch.sigmoid(self.shared_expert_gate(xc)) * self.shared_expert(xc)
+        return out.reshape(b, s, h)
+
+
+class MoeExtScMoEForCausalLM(Qwen2MoeForCausalLM):
+    config_class = MoeExtScMoEConfig
+
+    def __init__(self, config: MoeExtScMoEConfig):
+        super().__init__(config)
+        self._tap = _StreamTap()
+        layers = self.model.layers
+        for key, source in sorted((int(k), v) for k, v in config.moe_ext_shortcut_sources.items()):
+            if not isinstance(layers[key].mlp, Qwen2MoeSparseMoeBlock):
+                raise ValueError(f"moe_ext_shortcut_sources names layer {key}, which is not an MoE layer.")
+            layers[key].mlp = ScMoEBlock(config, self._tap, key)
+            # the routed input: the dense layer's post-attention stream, or this layer's input
+            producer = layers[source].post_attention_layernorm if source is not None else layers[key].input_layernorm
+            producer.register_forward_pre_hook(self._tap.keeper(key))
+        self.post_init()
+
+
+def _load_like_qwen_moe() -> None:
+    """Custom code gets no on-load weight conversion unless registered: reuse Qwen3-MoE's and
+    Qwen2-MoE's (the per-expert layout on disk, fused in memory)."""
     try:
         from transformers.conversion_mapping import (
             get_checkpoint_conversion_mapping,
@@ -128,14 +236,13 @@ def _load_like_qwen3_moe() -> None:
         )
     except ImportError:  # a transformers without on-load conversions loads the layout as is
         return
-    mapping = get_checkpoint_conversion_mapping("qwen3_moe")
-    if mapping is None:
-        return
-    for name in ("MoeExtQwen3MoeForCausalLM", MoeExtQwen3MoeConfig.model_type):
-        try:
+    for base, names in (("qwen3_moe", ("MoeExtQwen3MoeForCausalLM", MoeExtQwen3MoeConfig.model_type)),
+                        ("qwen2_moe", ("MoeExtScMoEForCausalLM", MoeExtScMoEConfig.model_type))):
+        mapping = get_checkpoint_conversion_mapping(base)
+        if mapping is None:
+            continue
+        for name in names:
             register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
-        except TypeError:
-            register_checkpoint_conversion_mapping(name, mapping)
 
 
-_load_like_qwen3_moe()
+_load_like_qwen_moe()
