@@ -25,13 +25,14 @@ def _modeling():
     return modeling_moe_ext
 
 
-def _hf_config(policy: str, **kw):
+def _hf_config(policy: str, base: str = "qwen3_moe", **kw):
     m = _modeling()
-    return m.MoeExtQwen3MoeConfig(
-        moe_ext_policy=policy, vocab_size=128, hidden_size=16, intermediate_size=32,
-        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=8, num_experts=8, num_experts_per_tok=kw.pop("k", 2), max_position_embeddings=64,
-        tie_word_embeddings=False, **kw)
+    common = dict(moe_ext_policy=policy, vocab_size=128, hidden_size=16, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts_per_tok=kw.pop("k", 2),
+                  max_position_embeddings=64, tie_word_embeddings=False, **kw)
+    if base == "mixtral":
+        return m.MoeExtMixtralConfig(intermediate_size=32, num_local_experts=8, **common)
+    return m.MoeExtQwen3MoeConfig(intermediate_size=32, moe_intermediate_size=32, num_experts=8, **common)
 
 
 def _megatron_router(common, policy_kw, **cfg_kw):
@@ -62,7 +63,7 @@ def test_c2r_router_matches_the_megatron_router(megatron_cpu, k, pre_softmax):
         probs, rmap = r(x)
     m = _modeling()
     # softmax after the top-k (Megatron's default) is Qwen3-MoE's renormalised top-k
-    hf = m.C2RTopKRouter(_hf_config("c2r", k=k, norm_topk_prob=not pre_softmax), r.c2r_partners.tolist())
+    hf = m.C2RTopKRouter(_hf_config("c2r", k=k, norm_topk_prob=not pre_softmax), 8, r.c2r_partners.tolist())
     with torch.no_grad():
         hf.weight.copy_(r.weight)
         _, values, indices = hf(x.view(-1, 16))
@@ -81,7 +82,7 @@ def test_locmoe_plus_router_matches_the_megatron_router_without_drops(megatron_c
     x = torch.randn(64, 1, 16)
     with torch.no_grad():
         probs, rmap = r(x)
-    hf = _modeling().LocMoEPlusRouter(_hf_config("locmoe-plus", k=3), tau=0.5)
+    hf = _modeling().LocMoEPlusRouter(_hf_config("locmoe-plus", k=3), 8, tau=0.5)
     with torch.no_grad():
         hf.weight.copy_(r.weight)
         _, values, indices = hf(x.view(-1, 16))
@@ -91,17 +92,18 @@ def test_locmoe_plus_router_matches_the_megatron_router_without_drops(megatron_c
     torch.testing.assert_close(dense, probs.float(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["c2r", "locmoe-plus"])
-def test_folder_loads_with_trust_remote_code_in_the_per_expert_layout(tmp_path, policy):
+@pytest.mark.parametrize("policy, base", [("c2r", "qwen3_moe"), ("locmoe-plus", "qwen3_moe"), ("c2r", "mixtral")])
+def test_folder_loads_with_trust_remote_code_in_the_per_expert_layout(tmp_path, policy, base):
     from safetensors import safe_open
 
     m = _modeling()
     partners = {str(i): [[(e + 1) % 8, (e + 2) % 8] for e in range(8)] for i in range(2)}
-    cfg = _hf_config(policy, moe_ext_c2r_partners=partners if policy == "c2r" else None)
+    cfg = _hf_config(policy, base, moe_ext_c2r_partners=partners if policy == "c2r" else None)
     torch.manual_seed(2)
-    model = m.MoeExtQwen3MoeForCausalLM(cfg).eval()
-    model.config.auto_map = {"AutoConfig": "modeling_moe_ext.MoeExtQwen3MoeConfig",
-                             "AutoModelForCausalLM": "modeling_moe_ext.MoeExtQwen3MoeForCausalLM"}
+    name = "MoeExtMixtral" if base == "mixtral" else "MoeExtQwen3Moe"
+    model = getattr(m, f"{name}ForCausalLM")(cfg).eval()
+    model.config.auto_map = {"AutoConfig": f"modeling_moe_ext.{name}Config",
+                             "AutoModelForCausalLM": f"modeling_moe_ext.{name}ForCausalLM"}
     out = tmp_path / "hf"
     model.save_pretrained(out)
     shutil.copy(m.__file__, out / "modeling_moe_ext.py")
@@ -109,11 +111,12 @@ def test_folder_loads_with_trust_remote_code_in_the_per_expert_layout(tmp_path, 
     for f in out.glob("*.safetensors"):
         with safe_open(str(f), "pt") as sf:
             keys += list(sf.keys())
-    assert any(".mlp.experts.0.gate_proj.weight" in k for k in keys), keys[:10]
+    per_expert = ".block_sparse_moe.experts.0.w1.weight" if base == "mixtral" else ".mlp.experts.0.gate_proj.weight"
+    assert any(per_expert in k for k in keys), keys[:10]
     assert json.loads((out / "config.json").read_text())["moe_ext_policy"] == policy
 
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    assert type(loaded).__name__ == "MoeExtQwen3MoeForCausalLM"
+    assert type(loaded).__name__ == f"{name}ForCausalLM"
     tokens = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=0, atol=0)

@@ -1,9 +1,10 @@
-"""HuggingFace modeling for megatron-moe-ext's routing policies (shipped into an exported HF folder).
+"""HuggingFace modeling for megatron-moe-ext's routing policies and layers (shipped into an exported
+HF folder).
 
 `export-hf` copies this file into HF_DIR and names it in config.json's `auto_map`, so that
 `AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)` computes what the Megatron
 model computed. It imports only torch and transformers (>= 5: routers are modules of their own
-there), never the plugin. The model is transformers' Qwen3-MoE with its router replaced:
+there), never the plugin. The model is transformers' Qwen3-MoE or Mixtral with its router replaced:
 
 * c2r: the top-1 expert free, the other k-1 the best among the top-1's partners
   (`moe_ext_c2r_partners[layer]`, expert slots as exported), the rule of the plugin's
@@ -15,8 +16,8 @@ there), never the plugin. The model is transformers' Qwen3-MoE with its router r
   plugin's LocMoEPlusRouter. At inference there is no expert-choice truncation: the capacity C is
   a property of a training batch, so every proposed expert is kept (dropless).
 
-Weights keep Qwen3-MoE's names (`mlp.gate.weight`, the experts), so the on-disk layout and its
-conversion on load are Qwen3-MoE's.
+Weights keep the base model's names (`mlp.gate.weight`, the experts), so the on-disk layout and
+its conversion on load are the base model's.
 
 ScMoE / DGMoE (`MoeExtScMoEForCausalLM`) is transformers' Qwen2-MoE with the layer wiring of the
 plugin's ScMoE layers: in MoE layer l+1 the routed experts read an earlier stream through their
@@ -33,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.mixtral.configuration_mixtral import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM, MixtralSparseMoeBlock
 from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 from transformers.models.qwen2_moe.modeling_qwen2_moe import (
     Qwen2MoeExperts,
@@ -43,11 +46,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
     Qwen2MoeTopKRouter,
 )
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
-from transformers.models.qwen3_moe.modeling_qwen3_moe import (
-    Qwen3MoeForCausalLM,
-    Qwen3MoeSparseMoeBlock,
-    Qwen3MoeTopKRouter,
-)
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeSparseMoeBlock
 
 POLICIES = ("c2r", "locmoe-plus")
 
@@ -59,20 +58,29 @@ class MoeExtQwen3MoeConfig(Qwen3MoeConfig):
 
     def __init__(self, moe_ext_policy: str = "c2r", moe_ext_c2r_partners=None,
                  moe_ext_locmoe_plus_tau: float = 0.8, **kwargs):
-        if moe_ext_policy not in POLICIES:
-            raise ValueError(f"moe_ext_policy {moe_ext_policy!r} is not one of {', '.join(POLICIES)}.")
-        self.moe_ext_policy = moe_ext_policy
-        # {str(layer index): [[partner slots] per expert slot]}, JSON-friendly
-        self.moe_ext_c2r_partners = moe_ext_c2r_partners or {}
-        self.moe_ext_locmoe_plus_tau = moe_ext_locmoe_plus_tau
+        _policy_fields(self, moe_ext_policy, moe_ext_c2r_partners, moe_ext_locmoe_plus_tau)
         super().__init__(**kwargs)
 
 
-class C2RTopKRouter(Qwen3MoeTopKRouter):
-    """Qwen3-MoE's router with the collaboration constraint on its selection."""
+class _PolicyRouter(nn.Module):
+    """What Qwen3-MoE's and Mixtral's routers hold (a gate weight [E, H] under the same name) and
+    return ((logits [T, E], weights [T, k], indices [T, k])), with another selection."""
 
-    def __init__(self, config, partners):
-        super().__init__(config)
+    def __init__(self, config, num_experts: int):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = num_experts
+        self.hidden_dim = config.hidden_size
+        # Mixtral always renormalises the top-k; Qwen3-MoE as configured
+        self.norm_topk_prob = getattr(config, "norm_topk_prob", True)
+        self.weight = nn.Parameter(torch.zeros(num_experts, self.hidden_dim))
+
+
+class C2RTopKRouter(_PolicyRouter):
+    """The router with the collaboration constraint on its selection."""
+
+    def __init__(self, config, num_experts: int, partners):
+        super().__init__(config, num_experts)
         # a plain list, made a tensor on first use: from_pretrained builds modules on the meta
         # device and would leave a non-persistent buffer uninitialised
         self._partner_lists = [list(map(int, row)) for row in partners]
@@ -91,7 +99,7 @@ class C2RTopKRouter(Qwen3MoeTopKRouter):
         top1 = router_probs.argmax(dim=-1, keepdim=True)                           # [T, 1]
         indices = top1
         if self.top_k > 1:
-            candidates = self.partners(top1.device)[top1.squeeze(-1)]           # [T, top_t]
+            candidates = self.partners(top1.device)[top1.squeeze(-1)]              # [T, top_t]
             best = router_probs.gather(1, candidates).topk(self.top_k - 1, dim=-1).indices
             indices = torch.cat([top1, candidates.gather(1, best)], dim=-1)        # [T, k]
         values = router_probs.gather(1, indices)
@@ -100,11 +108,11 @@ class C2RTopKRouter(Qwen3MoeTopKRouter):
         return router_logits, values.to(router_logits.dtype), indices
 
 
-class LocMoEPlusRouter(Qwen3MoeTopKRouter):
-    """Qwen3-MoE's router with LocMoE+'s affinity token choice (dropless at inference)."""
+class LocMoEPlusRouter(_PolicyRouter):
+    """The router with LocMoE+'s affinity token choice (dropless at inference)."""
 
-    def __init__(self, config, tau: float):
-        super().__init__(config)
+    def __init__(self, config, num_experts: int, tau: float):
+        super().__init__(config, num_experts)
         self.tau = tau
 
     def forward(self, hidden_states):
@@ -114,11 +122,32 @@ class LocMoEPlusRouter(Qwen3MoeTopKRouter):
         top = aff.topk(self.top_k, dim=-1)
         indices = top.indices                                                      # [T, k]
         reach = top.values.clamp_min(0).cumsum(-1) >= self.tau * aff.clamp_min(0).sum(-1, keepdim=True) - 1e-12
-        lengths = torch.where(reach.any(-1), reach.float().argmax(-1), torch.full_like(reach[:, 0], self.top_k - 1,
-                                                                                         dtype=torch.long)) + 1
+        last = torch.full_like(reach[:, 0], self.top_k - 1, dtype=torch.long)
+        lengths = torch.where(reach.any(-1), reach.float().argmax(-1), last) + 1
         within = torch.arange(self.top_k, device=aff.device)[None, :] < lengths[:, None]
         values = torch.softmax(router_logits.gather(1, indices).float(), dim=-1) * within
         return router_logits, values.to(router_logits.dtype), indices
+
+
+def _install_policy_routers(model, config, num_experts: int, moe_block_cls) -> None:
+    """Replace the router of every MoE block of `model.model.layers` by the policy's (small [E, H]
+    modules; weights load under the same names)."""
+    for i, layer in enumerate(model.model.layers):
+        if not isinstance(layer.mlp, moe_block_cls):
+            continue
+        if config.moe_ext_policy == "c2r":
+            layer.mlp.gate = C2RTopKRouter(config, num_experts, config.moe_ext_c2r_partners[str(i)])
+        else:
+            layer.mlp.gate = LocMoEPlusRouter(config, num_experts, config.moe_ext_locmoe_plus_tau)
+
+
+def _policy_fields(self, moe_ext_policy, moe_ext_c2r_partners, moe_ext_locmoe_plus_tau) -> None:
+    if moe_ext_policy not in POLICIES:
+        raise ValueError(f"moe_ext_policy {moe_ext_policy!r} is not one of {', '.join(POLICIES)}.")
+    self.moe_ext_policy = moe_ext_policy
+    # {str(layer index): [[partner slots] per expert slot]}, JSON-friendly
+    self.moe_ext_c2r_partners = moe_ext_c2r_partners or {}
+    self.moe_ext_locmoe_plus_tau = moe_ext_locmoe_plus_tau
 
 
 class MoeExtQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
@@ -126,14 +155,27 @@ class MoeExtQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
 
     def __init__(self, config: MoeExtQwen3MoeConfig):
         super().__init__(config)
-        # only the routers change (small [E, H] modules); weights load under the same names
-        for i, layer in enumerate(self.model.layers):
-            if not isinstance(layer.mlp, Qwen3MoeSparseMoeBlock):
-                continue
-            if config.moe_ext_policy == "c2r":
-                layer.mlp.gate = C2RTopKRouter(config, config.moe_ext_c2r_partners[str(i)])
-            else:
-                layer.mlp.gate = LocMoEPlusRouter(config, config.moe_ext_locmoe_plus_tau)
+        _install_policy_routers(self, config, config.num_experts, Qwen3MoeSparseMoeBlock)
+        self.post_init()
+
+
+class MoeExtMixtralConfig(MixtralConfig):
+    """Mixtral's config plus the routing policy and its settings."""
+
+    model_type = "moe_ext_mixtral"
+
+    def __init__(self, moe_ext_policy: str = "c2r", moe_ext_c2r_partners=None,
+                 moe_ext_locmoe_plus_tau: float = 0.8, **kwargs):
+        _policy_fields(self, moe_ext_policy, moe_ext_c2r_partners, moe_ext_locmoe_plus_tau)
+        super().__init__(**kwargs)
+
+
+class MoeExtMixtralForCausalLM(MixtralForCausalLM):
+    config_class = MoeExtMixtralConfig
+
+    def __init__(self, config: MoeExtMixtralConfig):
+        super().__init__(config)
+        _install_policy_routers(self, config, config.num_local_experts, MixtralSparseMoeBlock)
         self.post_init()
 
 
@@ -237,6 +279,7 @@ def _load_like_qwen_moe() -> None:
     except ImportError:  # a transformers without on-load conversions loads the layout as is
         return
     for base, names in (("qwen3_moe", ("MoeExtQwen3MoeForCausalLM", MoeExtQwen3MoeConfig.model_type)),
+                        ("mixtral", ("MoeExtMixtralForCausalLM", MoeExtMixtralConfig.model_type)),
                         ("qwen2_moe", ("MoeExtScMoEForCausalLM", MoeExtScMoEConfig.model_type))):
         mapping = get_checkpoint_conversion_mapping(base)
         if mapping is None:
