@@ -379,9 +379,11 @@ class LocMoERouter(PolicyRouter):
         training = self.is_training_forward()
         with torch.no_grad():
             hidden = self._last_input.reshape(-1, self._last_input.shape[-1])
-            delta = chosen_expert_cosine(hidden, self.weight, routing_map).mean().double().cpu()
-            if training:
-                self._delta_sum += torch.stack([delta, torch.ones((), dtype=torch.float64)])
+            delta = chosen_expert_cosine(hidden, self.weight, routing_map).mean().double()
+            if training:  # summed on the device: no host sync once an estimate exists
+                if self._delta_sum.device != delta.device:
+                    self._delta_sum = self._delta_sum.to(delta.device)
+                self._delta_sum += torch.stack([delta, torch.ones_like(delta)])
                 self._tokens = routing_map.shape[0]  # capacity factors are per token count
         if self._capacity is None:  # first iteration: no estimate yet, this batch's own delta
             factor, clamped = self._factor_for(float(delta), routing_map.shape[0])
