@@ -19,7 +19,8 @@
 #   WORK_DIR         outputs (default runs/c2r-finetune)
 #   STEPS            the steps to run, in order (default: all six)
 #   NPROC            GPUs of this node for profile and train (default 8)
-#   TP, PP, EP       tensor-, pipeline- and expert-parallel sizes of the imported checkpoint (1, 1, 8)
+#   TP, PP, EP       tensor-, pipeline- and expert-parallel sizes of the imported checkpoint, of profile and
+#                    of train (default 1, 1, 8; the plan is made for EP)
 #   TOP_T            C2R partners per expert (default: plan-placement's, experts per rank - 1)
 #   PROFILE_ITERS    evaluation batches to profile (default 50)
 #   DATA_ARGS        Megatron data flags (default: mock data; the vocabulary comes from megatron_flags.txt)
@@ -90,7 +91,7 @@ for s in $STEPS; do
       step import-hf "$MOE_EXT" import-hf --hf "$HF_DIR" --out "$BASE" "${parallel[@]}" ;;
     profile)
       model_flags
-      step profile "$MOE_EXT" profile --nproc "$NPROC" --output "$PROFILE" -- "${MODEL[@]}" "${DATA[@]}" \
+      step profile "$MOE_EXT" profile --nproc "$NPROC" --output "$PROFILE" -- "${MODEL[@]}" "${parallel[@]}" "${DATA[@]}" \
         --load "$BASE" --micro-batch-size 1 --global-batch-size "$NPROC" --train-iters 1 \
         --eval-iters "$PROFILE_ITERS" --ckpt-format torch_dist ;;
     plan-placement)
@@ -100,7 +101,7 @@ for s in $STEPS; do
       step apply-placement "$MOE_EXT" apply-placement --load "$BASE" --plan "$PLAN" --save "$PLACED" ;;
     train)
       model_flags
-      train=("${MODEL[@]}" "${DATA[@]}" "${TRAIN[@]}" --pretrained-checkpoint "$PLACED" --load "$C2R" --save "$C2R"
+      train=("${MODEL[@]}" "${parallel[@]}" "${DATA[@]}" "${TRAIN[@]}" --pretrained-checkpoint "$PLACED" --load "$C2R" --save "$C2R"
         --moe-router-policy c2r --moe-c2r-plan "$PLAN" --moe-dedup-dispatch --moe-ext-run-log "$WORK_DIR/train.jsonl")
       if [ "$TRAIN_LAUNCHER" = slurm ]; then
         launcher=(bash "$REPO_DIR/launch/slurm_pretrain.sbatch")
