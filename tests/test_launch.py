@@ -359,6 +359,23 @@ def test_example_other_topology_and_bf16(name, nodelist, nnodes, gpus):
     assert args.fp8 is None and cfg.ranks_per_node == gpus
 
 
+def _slurm_examples():
+    return sorted(p.name for p in (REPO / "examples").glob("*.sh") if "run_example " in p.read_text())
+
+
+def test_the_three_model_examples_hand_over_to_the_template():
+    assert set(EXAMPLES) <= set(_slurm_examples())
+
+
+@pytest.mark.parametrize("name", _slurm_examples())
+def test_every_slurm_example_parses(name):
+    """Every example that hands over to the Slurm template (a user's copy saved under examples/
+    included), on its own topology and defaults."""
+    words = command_line(dry_run(REPO / "examples" / name))
+    opts = torchrun_options(words)
+    megatron_parse(pretrain_flags(words), world_size=int(opts["--nnodes"]) * int(opts["--nproc-per-node"]))
+
+
 def test_example_refuses_an_unknown_backend():
     p = subprocess.run(["bash", str(REPO / "examples" / "qwen3_30b_a3b_c2r.sh"), "--dry-run"], cwd=REPO,
                        env=_clean_env(EXPERT_BACKEND="cutlass"), capture_output=True, text=True)
