@@ -26,6 +26,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -360,7 +361,8 @@ def test_example_other_topology_and_bf16(name, nodelist, nnodes, gpus):
 
 
 def _slurm_examples():
-    return sorted(p.name for p in (REPO / "examples").glob("*.sh") if "run_example " in p.read_text())
+    return sorted(p.name for p in (REPO / "examples").glob("*.sh")
+                  if re.search(r"^run_example \d+ \d+", p.read_text(), re.M))
 
 
 def test_the_three_model_examples_hand_over_to_the_template():
