@@ -52,3 +52,11 @@ def test_plain_text_listing():
     text = _flags_output()
     assert text.startswith("--moe-router-policy {topk,c2r,locmoe,locmoe-plus}\n")
     assert "--moe-ext-metrics / --no-moe-ext-metrics\n    default on" in text
+
+
+def test_readme_links_the_reference_instead_of_a_table():
+    readme = (DOC.parents[1] / "README.md").read_text()
+    assert "[docs/flags.md](docs/flags.md)" in readme
+    assert "| `--moe-router-policy" not in readme                            # no hand-written flag table
+    for page in ("docs/troubleshooting.md", "docs/choosing-a-policy.md", "docs/flags.md"):
+        assert (DOC.parents[1] / page).is_file() and f"]({page})" in readme
