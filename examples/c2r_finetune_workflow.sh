@@ -12,6 +12,9 @@
 #   plan-placement   balanced placement + TOP_T co-resident partners -> plan.json
 #   apply-placement  experts (weights, router rows, expert bias) moved to their planned slots -> placed/
 #   train            fine-tune from placed/ (--pretrained-checkpoint) into c2r/, which a rerun resumes
+#                    (the plugin checks the placement marker of --load, i.e. c2r/ once it holds a
+#                    checkpoint; the first run's placed/ comes in through --pretrained-checkpoint,
+#                    unchecked, so keep plan.json and placed/ of one run together)
 #   export-hf        c2r/ -> hf/ (EXPORT_DTYPE, EXPORT_ROUTING)
 #
 # Variables:

@@ -213,6 +213,11 @@ def test_template_paths_wandb_and_flag_overrides(tmp_path):
     assert not (tmp_path / "o").exists()                                  # a dry run creates nothing
 
 
+def test_template_keeps_a_ranks_per_node_given_with_equals():
+    flags = pretrain_flags(command_line(dry_run(TEMPLATE, "--moe-ranks-per-node=4", **slurm("g[1-2]", 2, 8))))
+    assert "--moe-ranks-per-node=4" in flags and "--moe-ranks-per-node" not in flags
+
+
 def test_template_container_venv_and_setup_hooks(tmp_path):
     words = command_line(dry_run(TEMPLATE, CONTAINER_IMAGE="/img/moe.sqsh", **slurm("g[1-2]", 2, 8)))
     i = words.index("--container-image")
