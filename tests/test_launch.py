@@ -383,6 +383,21 @@ def test_every_slurm_example_parses(name):
     megatron_parse(pretrain_flags(words), world_size=int(opts["--nnodes"]) * int(opts["--nproc-per-node"]))
 
 
+def test_example_runs_from_slurms_spool_copy(tmp_path):
+    """sbatch runs a copy of the script from its spool folder: the repository is then found
+    through SLURM_SUBMIT_DIR (submitted from the repository root), here from another cwd."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    copy = spool / "slurm_script"
+    for script in (REPO / "examples" / "mixtral_locmoe.sh", TEMPLATE):
+        shutil.copy(script, copy)
+        p = subprocess.run(["bash", str(copy), "--dry-run"], cwd=tmp_path, capture_output=True, text=True,
+                           env=_clean_env(SLURM_SUBMIT_DIR=REPO, **slurm("gpu[01-02]", 2, 4)))
+        assert p.returncode == 0, p.stderr
+        words = command_line(p.stdout)
+        assert words[words.index("--chdir") + 1] == str(REPO)
+
+
 def test_example_refuses_an_unknown_backend():
     p = subprocess.run(["bash", str(REPO / "examples" / "qwen3_30b_a3b_c2r.sh"), "--dry-run"], cwd=REPO,
                        env=_clean_env(EXPERT_BACKEND="cutlass"), capture_output=True, text=True)
