@@ -5,7 +5,8 @@
 #   mkdir -p logs && sbatch examples/gpt_scmoe_pos2.sh              # from the repository root
 #   bash examples/gpt_scmoe_pos2.sh --dry-run                       # print the commands (no Slurm needed)
 #
-# Model: 24 layers [dense, MoE] x 12, hidden 2048, 16 heads, 32 experts of FFN 2048 + a gated shared
+# Model: GPT-2/3 style (LayerNorm, GELU, learned positions, tied embeddings; no biases, which the torch
+# expert backend requires), 24 layers [dense, MoE] x 12, hidden 2048, 16 heads, 32 experts of FFN 2048 + a gated shared
 # expert of FFN 2048, top-1 with full-softmax probabilities (ScMoE requires --moe-router-pre-softmax at
 # top-1), on 2 nodes x 8 GPUs with EP 16. The expert slot is chosen by timing the first steps (auto).
 # Rules (refused at start with one sentence, docs/troubleshooting.md): pos2 needs a dense block before
@@ -33,8 +34,8 @@ FP8=${FP8:-1}
 expert_flags
 RUN_NAME=${RUN_NAME:-gpt-scmoe-pos2}
 MODEL_ARGS=${MODEL_ARGS:-"--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 8192
-  --seq-length 2048 --max-position-embeddings 2048 --normalization LayerNorm --position-embedding-type rope
-  --disable-bias-linear --untie-embeddings-and-output-weights
+  --seq-length 2048 --max-position-embeddings 2048 --normalization LayerNorm
+  --position-embedding-type learned_absolute --disable-bias-linear
   --num-experts 32 --moe-router-topk 1 --moe-ffn-hidden-size 2048 --moe-layer-freq ([0,1]*12)
   --moe-shared-expert-intermediate-size 2048 --moe-shared-expert-gate --moe-router-pre-softmax
   --moe-token-dispatcher-type alltoall --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 1e-2

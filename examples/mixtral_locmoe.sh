@@ -10,6 +10,8 @@
 # the expert-parallel group spans both nodes, which is where a locality-aware router has something to
 # save (with EP inside one node every expert is local). On 8-GPU nodes use 4 GPUs of each node
 # (#SBATCH --gpus-per-node=4) or double the experts (MODEL_ARGS) and EP to 16.
+# Memory: one expert of 14336 per GPU, its optimizer state unsharded (expert DP 1): fits 141-186 GB GPUs
+# (H200, GB200); on 80 GB GPUs add --recompute-granularity full --recompute-method uniform (TRAIN_ARGS).
 # LocMoE: node-local experts get a selection bias LOCAL_BIAS after LOCAL_BIAS_WARMUP unbiased iterations
 # (the CPU study: B 0.6 after 100 iterations: inter-node rows -58% at +0.1% validation loss; docs/locmoe.md).
 #

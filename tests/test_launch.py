@@ -421,6 +421,15 @@ def test_example_plugin_refusal_is_caught():
         megatron_parse(pretrain_flags(words), world_size=16)
 
 
+def test_example_scmoe_layer_pattern_refusal_is_caught():
+    """pos2 on every-layer MoE (a later --moe-layer-freq 1 wins) is refused at parse time."""
+    from megatron_moe_ext.config import MoEExtConfigError
+
+    words = command_line(dry_run(REPO / "examples" / "gpt_scmoe_pos2.sh", "--moe-layer-freq", "1"))
+    with pytest.raises(MoEExtConfigError, match="use --moe-scmoe pos1 for every-layer MoE"):
+        megatron_parse(pretrain_flags(words), world_size=16)
+
+
 # --- the C2R fine-tuning workflow -------------------------------------------------------------
 
 WORKFLOW = REPO / "examples" / "c2r_finetune_workflow.sh"
