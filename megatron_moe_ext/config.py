@@ -52,8 +52,8 @@ class MoEExtConfig:
     """Options of megatron-moe-ext (Megatron's own MoE options stay in its TransformerConfig)."""
 
     router_policy: str = _opt("topk", choices=POLICY_NAMES)
-    """Routing policy of every MoE layer: topk (Megatron's TopKRouter), c2r (collaboration-
-    constrained), locmoe, locmoe-plus (locality-aware)."""
+    """Routing policy of every MoE layer: topk (Megatron's TopKRouter), c2r
+    (collaboration-constrained), locmoe, locmoe-plus (locality-aware)."""
 
     ranks_per_node: Optional[int] = _opt(None)
     """GPUs per node, for inter-node accounting and locality (default: LOCAL_WORLD_SIZE from the
