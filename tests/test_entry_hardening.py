@@ -61,7 +61,7 @@ def test_pretrain_help_prints_megatron_and_plugin_flags():
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only machines")
 def test_pretrain_without_cpu_on_a_cpu_only_machine_names_cpu(tmp_path):
-    proc = _entry(*TINY, "--train-iters", "1", "--save", str(tmp_path / "ckpt"))
+    proc = _entry(*TINY, "--train-iters", "1", "--save", str(tmp_path / "ckpt"), "--save-interval", "1")
     last = _one_sentence_refusal(proc, "--cpu")
     assert "Transformer Engine" not in proc.stderr, last
     assert not (tmp_path / "ckpt").exists()
