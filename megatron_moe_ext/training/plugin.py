@@ -77,6 +77,9 @@ def _write_markers(args: Any, ext_cfg: MoEExtConfig) -> None:
     # torch.distributed is not initialised yet here: the launcher's RANK says which rank we are
     if not save or int(os.environ.get("RANK", "0")) != 0:
         return
-    write_routing_marker(save, ext_cfg.router_policy, ext_cfg.policy_state())
+    # an evaluation-only run (`profile`: --skip-train) saves nothing, so it must not relabel the
+    # checkpoint it reads (--save is often --load); a training run's checkpoints are its policy's
+    if not getattr(args, "skip_train", False):
+        write_routing_marker(save, ext_cfg.router_policy, ext_cfg.policy_state())
     if ext_cfg.c2r_plan:
         write_placement_marker(save, ext_cfg.c2r_plan, source="trained with this plan")
