@@ -58,7 +58,7 @@ def moe_ext_config_from_args(args: argparse.Namespace, *, exit_on_error: bool = 
     try:
         cfg = MoEExtConfig(**kwargs)
         check_with_megatron(cfg, args)
-        check_paths(cfg)
+        check_paths(cfg, args)
     except UserError as e:
         if not exit_on_error:
             raise
@@ -117,12 +117,85 @@ def check_with_megatron(cfg: MoEExtConfig, a: Any) -> None:
             raise MoEExtConfigError(problem)
 
 
-def check_paths(cfg: MoEExtConfig) -> None:
-    """Output paths usable before anything starts (a crash after the last iteration loses the run)."""
+def check_paths(cfg: MoEExtConfig, a: Any = None) -> None:
+    """Output paths writable and inputs consistent before anything starts: a path found unusable
+    when first written (after the last iteration, at the final save) loses the run. `a`: Megatron's
+    args, for --load / --finetune."""
+    _check_output(cfg.run_log, flag="--moe-ext-run-log", kind="file")
+    _check_output(cfg.save_routing_trace, flag="--save-routing-trace", kind="folder")
+    _check_output(cfg.profile_collaboration, flag="--moe-profile-collaboration", kind="folder")
     if cfg.profile_collaboration and os.path.exists(os.path.join(cfg.profile_collaboration, "profile.json")):
         raise MoEExtConfigError(
             f"--moe-profile-collaboration {cfg.profile_collaboration} already holds a profile.json; "
             "choose an empty folder so that no profile is overwritten.")
+    load = getattr(a, "load", None)
+    if not load or not os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt")):
+        return  # nothing is loaded: Megatron starts from scratch
+    if cfg.c2r_plan:
+        from megatron_moe_ext.files.plan import check_plan_applied
+
+        reason = check_plan_applied(load, cfg.c2r_plan)
+        if reason:
+            raise MoEExtConfigError(f"--moe-c2r-plan {reason}")
+    _check_routing_marker(cfg, load, finetune=bool(getattr(a, "finetune", False)))
+
+
+def _check_output(path: Any, *, flag: str, kind: str) -> None:
+    """`path` can be written as a `kind` ("file" or "folder"): not the other kind, and below a
+    folder this process may write into (the nearest existing one; the rest is created)."""
+    if not path:
+        return
+    if kind == "file" and os.path.isdir(path):
+        raise MoEExtConfigError(f"{flag} {path} is a folder; give a file path (the run log is one file).")
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise MoEExtConfigError(f"{flag} {path} is an existing file; give a folder path.")
+    target = os.path.abspath(path if kind == "folder" else os.path.dirname(os.path.abspath(path)))
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise MoEExtConfigError(f"{flag} {path} lies below {existing}, which is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MoEExtConfigError(f"{flag} {path}: {existing} is not writable; choose a writable location.")
+
+
+def _check_routing_marker(cfg: MoEExtConfig, load: str, *, finetune: bool) -> None:
+    """The checkpoint's routing policy and state against this run's (files/routing_marker.py)."""
+    from megatron_moe_ext.files.routing_marker import (
+        policy_change_note,
+        read_routing_marker,
+        routing_mismatch,
+    )
+
+    marker = read_routing_marker(load)
+    needs = cfg.policy_state()
+    # what the checkpoint's tensors hold decides whether Megatron's loader finds the state
+    held = _checkpoint_policy_state(load) if needs else []
+    if held is None:  # not a format we can read: trust the marker, if any
+        held = marker["policy_state"] if marker else list(needs)
+    reason = routing_mismatch(load, marker, held, policy=cfg.router_policy, needs=needs,
+                              finetune=finetune)
+    if reason:
+        raise MoEExtConfigError(reason)
+    note = policy_change_note(load, marker, cfg.router_policy)
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(f"megatron-moe-ext: note: {note}", file=sys.stderr, flush=True)
+
+
+def _checkpoint_policy_state(load: str):
+    """Policy state names whose tensors the latest torch_dist checkpoint in `load` holds, or None
+    if that cannot be read (another format, a damaged folder)."""
+    from megatron_moe_ext.files.routing_marker import STATE_KEYS
+
+    try:
+        it = open(os.path.join(load, "latest_checkpointed_iteration.txt")).read().strip()
+        name = "release" if it == "release" else f"iter_{int(it):07d}"
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(os.path.join(load, name)).read_metadata().state_dict_metadata.keys()
+    except Exception:  # noqa: BLE001  (any unreadable checkpoint: the check is skipped, Megatron decides)
+        return None
+    return [state for state, fragment in STATE_KEYS.items() if any(fragment in k for k in keys)]
 
 
 def _check_c2r(cfg: MoEExtConfig, topology, topk: int) -> None:

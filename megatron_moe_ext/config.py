@@ -205,6 +205,16 @@ class MoEExtConfig:
             raise MoEExtConfigError(
                 "--routing-trace-interval and --routing-trace-max-tokens need --save-routing-trace DIR.")
 
+    def policy_state(self) -> list:
+        """Names of the persistent router state this configuration checkpoints and needs on
+        resume (files/routing_marker.py); empty when the routers rebuild everything from flags."""
+        state = []
+        if self.router_policy == "c2r" and self.c2r_warmup_steps:
+            state.append("c2r-warmup")
+        if self.router_policy in _LOCMOE and self.locmoe_local_bias_warmup_steps:
+            state.append("locmoe-bias-warmup")
+        return state
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -21,16 +21,20 @@ VALID_PREFIX = "valid:"
 def read_run_log(path: str) -> List[Dict]:
     """The records of a run log; a line that is not JSON stops with the file and line number."""
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise ValueError(f"{path} line {n} is not a JSON record; is this a run log "
-                                 "(--moe-ext-run-log)?") from None
-    return rows
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise ValueError(f"{path} line {n} is not a JSON record; is this a run log "
+                                     "(--moe-ext-run-log)?") from None
+    except (OSError, UnicodeDecodeError) as e:  # unreadable or not text: name the file
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise ValueError(f"run log {path} cannot be read ({reason}).") from None
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def series(rows: Sequence[Dict], key: str) -> Tuple[List[int], List]:
@@ -45,14 +49,17 @@ def series(rows: Sequence[Dict], key: str) -> Tuple[List[int], List]:
 
 def plot_metrics(run_logs: Sequence[str], keys: Sequence[str], output: str,
                  labels: Sequence[str] = ()) -> Dict[str, int]:
-    """Write a PNG with one panel per key; returns the number of points drawn per key."""
+    """Write a PNG with one panel per key; returns the number of points drawn per key. When no
+    key has a point, nothing is written (an empty figure would pass for a result)."""
+    runs = [(labels[i] if i < len(labels) else os.path.basename(os.path.dirname(os.path.abspath(p))) or p,
+             read_run_log(p)) for i, p in enumerate(run_logs)]
+    if not any(series(rows, key)[0] for key in keys for _, rows in runs):
+        return {key: 0 for key in keys}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(labels[i] if i < len(labels) else os.path.basename(os.path.dirname(os.path.abspath(p))) or p,
-             read_run_log(p)) for i, p in enumerate(run_logs)]
     cols = min(3, len(keys))
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Dict
 
 from megatron_moe_ext.errors import UserError
@@ -26,7 +27,8 @@ def register(subparsers) -> None:
     q.add_argument("--keep-placement", action="store_true",
                    help="do not move experts (identity placement); only plan partners")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--output", required=True, help="plan file to write (never overwritten)")
+    q.add_argument("--output", required=True, help="plan file to write (not overwritten without --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --output plan file")
     q.set_defaults(func=run)
 
 
@@ -34,6 +36,10 @@ def run(ns: argparse.Namespace) -> int:
     from megatron_moe_ext.files.plan import Plan, load_profile, save_plan
     from megatron_moe_ext.routing.placement import plan_layer
 
+    if os.path.isdir(ns.output):
+        raise UserError(f"--output {ns.output} is a folder; give the plan's file path.")
+    if os.path.exists(ns.output) and not ns.overwrite:  # before the planning work, not after
+        raise UserError(f"--output {ns.output} exists; choose another path or pass --overwrite.")
     prof = load_profile(ns.profile)
     E = prof.num_experts
     if ns.ep < 1 or E % ns.ep:
@@ -50,7 +56,7 @@ def run(ns: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     path = save_plan(ns.output, Plan(E, ns.ep, top_t, ns.co_resident_only, slots, partners),
-                     report=report, profile=str(ns.profile))
+                     report=report, profile=str(ns.profile), overwrite=ns.overwrite)
     _print_report(report)
     print(f"wrote {path}")
     return 0

@@ -23,14 +23,29 @@ def run(ns) -> int:
     out = os.path.abspath(ns.output)
     if any(os.path.abspath(p) == out for p in ns.run_logs):
         raise UserError(f"--output {ns.output} is one of the run logs; choose another path.")
-    missing = [p for p in ns.run_logs if not os.path.isfile(p)]
+    missing = [p for p in ns.run_logs if not os.path.isfile(p)]  # also a folder
     if missing:
         raise UserError(f"run log {missing[0]} does not exist.")
+    _check_output(ns.output)
     try:
         drawn = plot_metrics(ns.run_logs, ns.keys, ns.output, ns.labels)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if not any(drawn.values()):
+        raise UserError(f"none of --keys {' '.join(ns.keys)} is in the run logs' train or "
+                        f"validation records; nothing was written to {ns.output}.")
     for key, n in drawn.items():
         print(f"{key}: {n} points" if n else f"{key}: not found in the run logs")
     print(f"wrote {ns.output}")
-    return 0 if any(drawn.values()) else 2
+    return 0
+
+
+def _check_output(output: str) -> None:
+    """The PNG's folder exists and is writable, checked before the logs are read and drawn."""
+    folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise UserError(f"--output {output} is a folder; give a PNG file path.")
+    if not os.path.isdir(folder):
+        raise UserError(f"--output {output}: folder {folder} does not exist; create it first.")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--output {output}: folder {folder} is not writable.")

@@ -33,11 +33,37 @@ def register(subparsers) -> None:
 def run(ns: argparse.Namespace) -> int:
     if os.path.exists(os.path.join(ns.output, "profile.json")):
         raise UserError(f"--output {ns.output} already holds a profile.json; choose an empty folder.")
+    if os.path.exists(ns.output) and not os.path.isdir(ns.output):
+        raise UserError(f"--output {ns.output} is an existing file; give a folder.")
+    if ns.nproc < 1:
+        raise UserError(f"--nproc must be a positive number of ranks, got {ns.nproc}.")
     extra = [a for a in ns.pretrain_args if a != "--"]
-    if "--load" not in extra:
-        raise UserError("pass the checkpoint to profile after `--`, e.g. `-- --load CKPT ...`.")
+    _check_checkpoint(_flag_value(extra, "--load"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ns.nproc),
            "-m", "megatron_moe_ext.training.pretrain_gpt", *(["--cpu"] if ns.cpu else []),
            *extra, "--skip-train", "--no-load-optim", "--no-load-rng",
            "--moe-profile-collaboration", ns.output]
     return subprocess.call(cmd)
+
+
+def _flag_value(argv, flag: str):
+    """The value of `flag` in `argv` (`--flag V` or `--flag=V`; the last one wins, as in argparse)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a[len(flag) + 1:]
+    return value
+
+
+def _check_checkpoint(load) -> None:
+    """Megatron starts from a random init when --load holds no checkpoint; a profile of that is
+    meaningless, so it is refused before anything is launched."""
+    if load is None:
+        raise UserError("pass the checkpoint to profile after `--`, e.g. `-- --load CKPT ...`.")
+    if not os.path.isdir(load):
+        raise UserError(f"--load {load} does not exist; give the folder of a trained checkpoint.")
+    if not os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt")):
+        raise UserError(f"--load {load} holds no Megatron checkpoint (no latest_checkpointed_iteration.txt); "
+                        "give the folder a training run saved into.")

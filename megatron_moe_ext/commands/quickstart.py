@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from megatron_moe_ext.errors import UserError
 
 DEFAULT_OUTPUT = "runs/quickstart"
 
@@ -47,10 +50,11 @@ def run(ns: argparse.Namespace) -> int:
         summarize,
     )
 
-    out = Path(ns.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     on_gpu = torch.cuda.is_available()
     nproc = min(ns.nproc, torch.cuda.device_count()) if on_gpu else ns.nproc
+    # everything the run will need of these flags, before data preparation and the launch
+    _check_flags(ns, nproc)
+    out = _output_dir(ns.output_dir)
     print(f"[quickstart] {'GPU' if on_gpu else 'CPU (gloo, compatibility layer)'}: "
           f"{nproc} ranks, expert-parallel size {nproc}; output in {out}", flush=True)
 
@@ -71,8 +75,9 @@ def run(ns: argparse.Namespace) -> int:
     rc = run_with_progress(cmd, out / "train.log", ns.train_iters)
     train_seconds = time.time() - t1
     if rc != 0:
-        print(f"[quickstart] training failed (exit {rc}); the full log is {out / 'train.log'}",
-              file=sys.stderr)
+        cause = _last_error_line(out / "train.log")
+        print(f"[quickstart] training failed (exit {rc}); the full log is {out / 'train.log'}"
+              + (f"\n[quickstart] {cause}" if cause else ""), file=sys.stderr)
         return rc
 
     summary = summarize(run_log, train_seconds=train_seconds, command=cmd, on_gpu=on_gpu,
@@ -82,3 +87,44 @@ def run(ns: argparse.Namespace) -> int:
     plot_run(run_log, plot_path)
     print_summary(summary, out, plot_path)
     return 0 if summary["loss_fell"] else 1
+
+
+def _check_flags(ns: argparse.Namespace, nproc: int) -> None:
+    """The quickstart's own flags, as the run will use them (nproc: ranks after the GPU count)."""
+    from megatron_moe_ext.routing.policies import POLICY_NAMES
+
+    for flag, value in (("--train-iters", ns.train_iters), ("--nproc", ns.nproc),
+                        ("--experts", ns.experts), ("--topk", ns.topk)):
+        if value < 1:
+            raise UserError(f"{flag} must be a positive number, got {value}.")
+    if ns.experts % nproc:
+        raise UserError(f"--experts {ns.experts} must divide evenly over the {nproc} ranks "
+                        f"(expert-parallel size); use a multiple of {nproc}.")
+    if ns.topk > ns.experts:
+        raise UserError(f"--topk {ns.topk} must be at most --experts {ns.experts}.")
+    if ns.router_policy not in POLICY_NAMES:
+        raise UserError(f"--router-policy {ns.router_policy!r} is not one of {', '.join(POLICY_NAMES)}.")
+
+
+def _output_dir(path: str) -> Path:
+    """--output-dir as a folder that exists and can be written (created if new)."""
+    out = Path(path).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {path} is an existing file; give a folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {path} cannot be created ({e.strerror or type(e).__name__}).") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--output-dir {path} is not writable.")
+    return out
+
+
+def _last_error_line(log: Path):
+    """The entry's one-sentence refusal (`...: error: ...`) from the training log, if any."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line.strip() for line in lines if ": error: " in line]
+    return errors[-1] if errors else None

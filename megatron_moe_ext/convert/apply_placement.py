@@ -50,38 +50,81 @@ def _iteration_dir(load: Path) -> Tuple[Path, str]:
 
 def apply_placement(load: str, plan_path: str, save: str, *, drop_optimizer: bool = False) -> Path:
     """Write `save` = `load` with experts re-placed by the plan. Returns the new iteration folder."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    src, iteration = _iteration_dir(Path(load).resolve())
+    given = Path(load).resolve()
+    src, iteration = _iteration_dir(given)
     dst_root = Path(save).resolve()
-    if dst_root.exists():
-        raise PlacementError(f"--save {dst_root} exists; give a new folder (the input is never overwritten).")
+    _check_output(dst_root, given)
     if not (src / "metadata.json").exists() or \
             json.loads((src / "metadata.json").read_text()).get("sharded_backend") != "torch_dist":
         raise PlacementError(f"{src} is not a torch_dist checkpoint (metadata.json); save with "
                              "--ckpt-format torch_dist.")
-    reader = FileSystemReader(str(src))
-    meta = reader.read_metadata()
-    state = {k: torch.empty(v.size, dtype=v.properties.dtype)
-             for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     plan = load_plan(plan_path)
-    _check(plan, state, plan_path, src)
-    dcp.load(state, storage_reader=reader, no_dist=True)
-    # Megatron's sharded objects (args, RNG, rerun state) are copied as the raw bytes they were
-    # stored as: deserializing them through DCP would change their layout.
-    state.update(_raw_objects(src, meta))
+    state = _read_checkpoint(src, plan, plan_path)
     moved = _permute(state, plan, drop_optimizer)
+    try:
+        _write_checkpoint(state, src, dst_root, iteration)
+    except BaseException:
+        shutil.rmtree(dst_root, ignore_errors=True)  # no half-written checkpoint left behind
+        raise
+    write_placement_marker(dst_root, plan_path, source=str(src), moved_tensors=moved,
+                           optimizer_dropped=drop_optimizer)
+    return dst_root / src.name
+
+
+def _check_output(dst_root: Path, ckpt_root: Path) -> None:
+    """A new folder outside the input (writing into --load would modify the input checkpoint)."""
+    if dst_root.exists():
+        raise PlacementError(f"--save {dst_root} exists; give a new folder (the input is never overwritten).")
+    if dst_root.is_relative_to(ckpt_root):
+        raise PlacementError(f"--save {dst_root} is inside the input checkpoint {ckpt_root}; give a "
+                             "folder outside it (the input is never modified).")
+
+
+def _read_checkpoint(src: Path, plan: Plan, plan_path: str) -> Dict:
+    """Every tensor and raw object of the iteration folder, checked against the plan. A damaged
+    folder (truncated or missing shard, unreadable metadata) is named, not traced back."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        reader = FileSystemReader(str(src))
+        meta = reader.read_metadata()
+        state = {k: torch.empty(v.size, dtype=v.properties.dtype)
+                 for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        _check(plan, state, plan_path, src)
+        dcp.load(state, storage_reader=reader, no_dist=True)
+        # Megatron's sharded objects (args, RNG, rerun state) are copied as the raw bytes they
+        # were stored as: deserializing them through DCP would change their layout.
+        state.update(_raw_objects(src, meta))
+    except PlacementError:
+        raise
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise PlacementError(f"--load {src} cannot be read ({_first_line(e)}); the checkpoint is "
+                             "damaged or incomplete (a truncated or missing shard), nothing was written.") from None
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def _write_checkpoint(state: Dict, src: Path, dst_root: Path, iteration: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from megatron_moe_ext.files.routing_marker import MARKER as ROUTING_MARKER
+
     dst = dst_root / src.name
     dst.mkdir(parents=True)
     dcp.save(state, storage_writer=FileSystemWriter(str(dst)), no_dist=True,
              planner=_RawBytesSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
     shutil.copy2(src / "metadata.json", dst / "metadata.json")
     (dst_root / "latest_checkpointed_iteration.txt").write_text(iteration)
-    write_placement_marker(dst_root, plan_path, source=str(src), moved_tensors=moved,
-                           optimizer_dropped=drop_optimizer)
-    return dst
+    if (src.parent / ROUTING_MARKER).exists():  # same routers, experts permuted: same policy
+        shutil.copy2(src.parent / ROUTING_MARKER, dst_root / ROUTING_MARKER)
 
 
 class _RawBytesSavePlanner(DefaultSavePlanner):
@@ -100,7 +143,10 @@ def _raw_objects(src: Path, meta) -> Dict[str, io.BytesIO]:
         if isinstance(meta.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             with open(src / info.relative_path, "rb") as f:
                 f.seek(info.offset)
-                out[index.fqn] = io.BytesIO(f.read(info.length))
+                data = f.read(info.length)
+            if len(data) != info.length:
+                raise EOFError(f"{info.relative_path} ends before {index.fqn}")
+            out[index.fqn] = io.BytesIO(data)
     return out
 
 
