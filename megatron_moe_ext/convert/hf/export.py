@@ -1,0 +1,130 @@
+"""Megatron torch_dist checkpoint -> HuggingFace folder (config.json, generation_config.json,
+safetensors in the per-expert layout, tokenizer when the run used a SentencePiece model).
+
+Streams layer by layer: each decoder layer's tensors are read from the checkpoint's chunks,
+mapped, cast and handed to the shard writer, so host memory holds one layer plus at most one
+output shard, never the whole model. Everything that can be checked is checked before the first
+byte is written, and the output appears only when complete (`outdir.staged_output`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_moe_ext.convert.hf.arch import (
+    ARCHITECTURES,
+    choose_architecture,
+    dims_from_args,
+    hf_config_kwargs,
+)
+from megatron_moe_ext.convert.hf.dist_reader import CheckpointError, MegatronCheckpoint, resolve_iteration_dir
+from megatron_moe_ext.convert.hf.mapping import GLOBAL_TO_HF, layer_to_hf
+from megatron_moe_ext.convert.hf.outdir import check_output, staged_output
+from megatron_moe_ext.convert.hf.safetensors_out import ShardedSafetensorsWriter
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3   # 2 GiB: bounds host memory (one shard is buffered)
+_LAYER = "decoder.layers."
+
+
+def export_hf(load: str, out: str, *, iteration: Optional[int] = None, dtype: Optional[str] = None,
+              routing: str = "native", overwrite: bool = False,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict:
+    """Write the HF folder `out` from the Megatron checkpoint `load`; returns a summary dict."""
+    from tqdm import tqdm
+
+    iter_dir, it_name = resolve_iteration_dir(Path(load), iteration)
+    ckpt = MegatronCheckpoint(iter_dir)
+    args = ckpt.args()
+    arch = choose_architecture(args, routing)
+    d = dims_from_args(args)
+    check_output(Path(out), "--out", overwrite)
+    _check_keys(ckpt, d)
+    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if getattr(args, "bf16", False) else torch.float32)
+    config = _hf_config(args, arch, torch_dtype)
+
+    with staged_output(Path(out)) as stage:
+        writer = ShardedSafetensorsWriter(stage, max_shard_bytes)
+        writer.add("model.embed_tokens.weight", ckpt.read("embedding.word_embeddings.weight").to(torch_dtype))
+        for layer in tqdm(range(d.num_layers), desc="export-hf layers", disable=not progress):
+            def get(local, layer=layer):
+                key = _LAYER + local
+                return ckpt.read(key, layer) if ckpt.has(key) else None
+
+            for name, t in layer_to_hf(arch, d, layer, get).items():
+                writer.add(name, t.to(torch_dtype))
+        writer.add("model.norm.weight", ckpt.read("decoder.final_layernorm.weight").to(torch_dtype))
+        if not d.tied:
+            writer.add("lm_head.weight", ckpt.read("output_layer.weight").to(torch_dtype))
+        shards = writer.close()
+        config.save_pretrained(str(stage))
+        _generation_config(config).save_pretrained(str(stage))
+        tokenizer = _write_tokenizer(args, stage)
+    summary = {"out": str(Path(out).resolve()), "source": str(iter_dir), "iteration": it_name,
+               "architecture": ARCHITECTURES[arch], "layers": d.num_layers, "experts": d.experts,
+               "parameters": writer.num_params, "bytes": writer.total_bytes, "dtype": str(torch_dtype),
+               "shards": len(shards), "tokenizer": tokenizer,
+               "routing": "plain top-k" if routing == "topk" else "as trained"}
+    return summary
+
+
+def _check_keys(ckpt: MegatronCheckpoint, d) -> None:
+    """Every tensor the mapping needs is present with the layer axis the args promise."""
+    need = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+            _LAYER + "self_attention.linear_qkv.weight", _LAYER + "self_attention.linear_proj.weight",
+            _LAYER + "self_attention.linear_qkv.layer_norm_weight", _LAYER + "mlp.linear_fc1.layer_norm_weight",
+            _LAYER + "mlp.router.weight", _LAYER + "mlp.experts.experts.linear_fc1.weight",
+            _LAYER + "mlp.experts.experts.linear_fc2.weight"]
+    if not d.tied:
+        need.append("output_layer.weight")
+    if d.qk_norm:
+        need += [_LAYER + "self_attention.q_layernorm.weight", _LAYER + "self_attention.k_layernorm.weight"]
+    if d.shared_ffn:
+        need += [_LAYER + f"mlp.shared_experts.{k}" for k in ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")]
+    if not all(d.moe_layers):
+        need += [_LAYER + "mlp.linear_fc1.weight", _LAYER + "mlp.linear_fc2.weight"]
+    for key in need:
+        if not ckpt.has(key):
+            raise CheckpointError(f"{ckpt.dir} has no tensor {key}, which its saved args imply; the "
+                                  "checkpoint does not match its args (or was not saved by this model).")
+        if key.startswith(_LAYER) and ckpt.shape(key)[0] != d.num_layers:
+            raise CheckpointError(f"{ckpt.dir}: {key} has {ckpt.shape(key)[0]} layers, args say {d.num_layers}.")
+    fc1 = ckpt.shape(_LAYER + "mlp.experts.experts.linear_fc1.weight")
+    if tuple(fc1[1:]) != (d.experts, 2 * d.moe_ffn, d.hidden):
+        raise CheckpointError(f"{ckpt.dir}: expert fc1 is {tuple(fc1)}, args imply "
+                              f"[{d.num_layers}, {d.experts}, {2 * d.moe_ffn}, {d.hidden}].")
+
+
+def _hf_config(args, arch: str, torch_dtype):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(arch, **hf_config_kwargs(args, arch))
+    cfg.dtype = torch_dtype
+    return cfg
+
+
+def _generation_config(config):
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_model_config(config)
+
+
+def _write_tokenizer(args, out: Path) -> Optional[str]:
+    """The run's SentencePiece model as a Llama tokenizer transformers loads; None otherwise."""
+    kind = getattr(args, "tokenizer_type", None)
+    model = getattr(args, "tokenizer_model", None)
+    if kind not in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer") or not model:
+        return None
+    if not Path(model).is_file():
+        print(f"export-hf: the run's tokenizer {model} is not found; no tokenizer written.")
+        return None
+    shutil.copy2(model, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+         "legacy": True}, indent=1))
+    return "tokenizer.model (LlamaTokenizer)"
