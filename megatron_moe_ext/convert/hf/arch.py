@@ -241,6 +241,9 @@ def megatron_flags_from_hf(cfg: Dict[str, Any], arch: str, path: str, *, tp: int
         refuse("attention_bias", "Megatron's --add-qkv-bias covers q/k/v only, not o_proj.")
     if arch == "qwen2_moe" and not cfg.get("shared_expert_intermediate_size"):
         refuse("shared_expert_intermediate_size", "Qwen2-MoE without a shared expert is not mapped.")
+    theta = float(rope.get("rope_theta", 10000.0))
+    if theta != int(theta):
+        refuse(f"rope_theta {theta}", "Megatron's --rotary-base is an integer.")
     d = dims_from_hf(cfg, arch)
     for size, what, n in ((tp, "--tensor-model-parallel-size", d.groups), (tp, "--tensor-model-parallel-size", d.heads),
                           (ep, "--expert-model-parallel-size", d.experts), (pp, "--pipeline-model-parallel-size", d.num_layers),
@@ -253,7 +256,7 @@ def megatron_flags_from_hf(cfg: Dict[str, Any], arch: str, path: str, *, tp: int
         "--kv-channels", d.head_dim, "--ffn-hidden-size", d.ffn,
         "--max-position-embeddings", cfg.get("max_position_embeddings", 4096),
         "--normalization", "RMSNorm", "--norm-epsilon", cfg.get("rms_norm_eps", 1e-6), "--swiglu",
-        "--position-embedding-type", "rope", "--rotary-base", rope.get("rope_theta", 10000.0),
+        "--position-embedding-type", "rope", "--rotary-base", int(theta),
         "--disable-bias-linear",
         "--vocab-size", d.vocab, "--make-vocab-size-divisible-by", 1,
         "--num-experts", d.experts, "--moe-router-topk", cfg["num_experts_per_tok"],

@@ -47,7 +47,6 @@ def parse_megatron_args(model_flags: List[str]):
     """Megatron's argparse namespace (with the plugin's flags) for a one-rank CPU build; the
     parallel sizes in `model_flags` are replaced by 1 (the checkpoint format is layout-free)."""
     from megatron.training.arguments import parse_and_validate_args
-    from megatron.training.global_vars import set_args
 
     from megatron_moe_ext.compat.presets import CPU_MEGATRON_FLAGS
     from megatron_moe_ext.training.plugin import extra_args_provider
@@ -61,6 +60,12 @@ def parse_megatron_args(model_flags: List[str]):
             del flags[i:i + 2]
     seq = [] if "--seq-length" in flags else \
         ["--seq-length", flags[flags.index("--max-position-embeddings") + 1]]
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.training.global_vars import unset_global_variables
+
+    # parse_and_validate_args sets Megatron's process-wide globals; a second build replaces them
+    unset_global_variables()
+    destroy_num_microbatches_calculator()
     saved = sys.argv
     sys.argv = ["megatron-moe-ext"] + CPU_MEGATRON_FLAGS + flags + seq + _BUILD_FLAGS
     try:
@@ -69,10 +74,6 @@ def parse_megatron_args(model_flags: List[str]):
             args = parse_and_validate_args(extra_args_provider=extra_args_provider())
     finally:
         sys.argv = saved
-    import megatron.training.global_vars as gv
-
-    gv._GLOBAL_ARGS = None
-    set_args(args)
     return args
 
 
