@@ -38,12 +38,14 @@ def export_hf(load: str, out: str, *, iteration: Optional[int] = None, dtype: Op
     """Write the HF folder `out` from the Megatron checkpoint `load`; returns a summary dict."""
     from tqdm import tqdm
 
+    check_output(Path(out), "--out", overwrite)
     iter_dir, it_name = resolve_iteration_dir(Path(load), iteration)
+    if Path(out).resolve() == iter_dir.resolve() or Path(out).resolve() in iter_dir.resolve().parents:
+        raise CheckpointError(f"--out {out} would replace the checkpoint it reads; give another folder.")
     ckpt = MegatronCheckpoint(iter_dir)
     args = ckpt.args()
     arch = choose_architecture(args, routing)
     d = dims_from_args(args)
-    check_output(Path(out), "--out", overwrite)
     _check_keys(ckpt, d)
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if getattr(args, "bf16", False) else torch.float32)
     config = _hf_config(args, arch, torch_dtype)

@@ -121,9 +121,21 @@ def save_checkpoint(model, args, root: Path, iteration_name: str = "release") ->
 
     it_dir = root / iteration_name
     it_dir.mkdir(parents=True)
-    state = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
-             "model": model.sharded_state_dict()}
-    dist_checkpointing.save(state, str(it_dir))
+    try:   # the versioning metadata Megatron's own save_checkpoint records (private helpers)
+        from megatron.training.checkpointing import (
+            _build_sharded_state_dict_metadata,
+            _clean_metadata_for_serialization,
+        )
+
+        content = _build_sharded_state_dict_metadata(args)
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
+                 "model": model.sharded_state_dict(metadata=content)}
+        dist_checkpointing.save(state, str(it_dir),
+                                content_metadata=_clean_metadata_for_serialization(content))
+    except ImportError:
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
+                 "model": model.sharded_state_dict()}
+        dist_checkpointing.save(state, str(it_dir))
     (root / "latest_checkpointed_iteration.txt").write_text(iteration_name)
     return it_dir
 
