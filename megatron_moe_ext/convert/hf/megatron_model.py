@@ -15,7 +15,7 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -114,11 +114,12 @@ def load_model_tensors(model, iter_dir: Path) -> None:
     dist_checkpointing.load(_tensor_items(model.sharded_state_dict()), str(iter_dir))
 
 
-def save_checkpoint(model, args, root: Path, iteration_name: str = "release") -> Path:
-    """Megatron's checkpoint layout: root/latest_checkpointed_iteration.txt and root/<iter>/ with
-    the model and `args` (what Megatron's loader reads for --load / --finetune)."""
+def save_checkpoint(model, args, root: Path, iteration: Optional[int] = None) -> Path:
+    """Megatron's checkpoint layout: root/latest_checkpointed_iteration.txt and root/release/ (or
+    root/iter_<N>/) with the model and `args` (what Megatron's loader reads for --load/--finetune)."""
     from megatron.core import dist_checkpointing
 
+    iteration_name = "release" if iteration is None else f"iter_{iteration:07d}"
     it_dir = root / iteration_name
     it_dir.mkdir(parents=True)
     try:   # the versioning metadata Megatron's own save_checkpoint records (private helpers)
@@ -128,15 +129,15 @@ def save_checkpoint(model, args, root: Path, iteration_name: str = "release") ->
         )
 
         content = _build_sharded_state_dict_metadata(args)
-        state = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration or 0,
                  "model": model.sharded_state_dict(metadata=content)}
         dist_checkpointing.save(state, str(it_dir),
                                 content_metadata=_clean_metadata_for_serialization(content))
     except ImportError:
-        state = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration or 0,
                  "model": model.sharded_state_dict()}
         dist_checkpointing.save(state, str(it_dir))
-    (root / "latest_checkpointed_iteration.txt").write_text(iteration_name)
+    (root / "latest_checkpointed_iteration.txt").write_text("release" if iteration is None else str(iteration))
     return it_dir
 
 
