@@ -55,8 +55,7 @@ def export_hf(load: str, out: str, *, iteration: Optional[int] = None, dtype: Op
         writer.add("model.embed_tokens.weight", ckpt.read("embedding.word_embeddings.weight").to(torch_dtype))
         for layer in tqdm(range(d.num_layers), desc="export-hf layers", disable=not progress):
             def get(local, layer=layer):
-                key = _LAYER + local
-                return ckpt.read(key, layer) if ckpt.has(key) else None
+                return _read_layer(ckpt, local, layer)
 
             for name, t in layer_to_hf(arch, d, layer, get).items():
                 writer.add(name, t.to(torch_dtype))
@@ -75,31 +74,56 @@ def export_hf(load: str, out: str, *, iteration: Optional[int] = None, dtype: Op
     return summary
 
 
+def _layer_key(ckpt: MegatronCheckpoint, local: str, layer: int):
+    """(key, stacked) of layer `layer`'s tensor `local`, or None. Megatron stacks alike layers as
+    `decoder.layers.<local>` [layers, ...] and keys unlike ones (--moe-layer-freq patterns) as
+    `decoder.layers.<layer>.<local>`."""
+    if ckpt.has(_LAYER + local):
+        return _LAYER + local, True
+    if ckpt.has(f"{_LAYER}{layer}.{local}"):
+        return f"{_LAYER}{layer}.{local}", False
+    return None
+
+
+def _read_layer(ckpt: MegatronCheckpoint, local: str, layer: int):
+    found = _layer_key(ckpt, local, layer)
+    if found is None:
+        return None
+    key, stacked = found
+    return ckpt.read(key, layer) if stacked else ckpt.read(key)
+
+
 def _check_keys(ckpt: MegatronCheckpoint, d) -> None:
-    """Every tensor the mapping needs is present with the layer axis the args promise."""
-    need = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
-            _LAYER + "self_attention.linear_qkv.weight", _LAYER + "self_attention.linear_proj.weight",
-            _LAYER + "self_attention.linear_qkv.layer_norm_weight", _LAYER + "mlp.linear_fc1.layer_norm_weight",
-            _LAYER + "mlp.router.weight", _LAYER + "mlp.experts.experts.linear_fc1.weight",
-            _LAYER + "mlp.experts.experts.linear_fc2.weight"]
-    if not d.tied:
-        need.append("output_layer.weight")
-    if d.qk_norm:
-        need += [_LAYER + "self_attention.q_layernorm.weight", _LAYER + "self_attention.k_layernorm.weight"]
-    if d.shared_ffn:
-        need += [_LAYER + f"mlp.shared_experts.{k}" for k in ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")]
-    if not all(d.moe_layers):
-        need += [_LAYER + "mlp.linear_fc1.weight", _LAYER + "mlp.linear_fc2.weight"]
-    for key in need:
+    """Every tensor the mapping needs is present, with the shape the args promise."""
+    for key in ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"] + \
+            ([] if d.tied else ["output_layer.weight"]):
         if not ckpt.has(key):
-            raise CheckpointError(f"{ckpt.dir} has no tensor {key}, which its saved args imply; the "
-                                  "checkpoint does not match its args (or was not saved by this model).")
-        if key.startswith(_LAYER) and ckpt.shape(key)[0] != d.num_layers:
-            raise CheckpointError(f"{ckpt.dir}: {key} has {ckpt.shape(key)[0]} layers, args say {d.num_layers}.")
-    fc1 = ckpt.shape(_LAYER + "mlp.experts.experts.linear_fc1.weight")
-    if tuple(fc1[1:]) != (d.experts, 2 * d.moe_ffn, d.hidden):
-        raise CheckpointError(f"{ckpt.dir}: expert fc1 is {tuple(fc1)}, args imply "
-                              f"[{d.num_layers}, {d.experts}, {2 * d.moe_ffn}, {d.hidden}].")
+            raise CheckpointError(f"{ckpt.dir} has no tensor {key}, which its saved args imply.")
+    for layer in range(d.num_layers):
+        need = ["self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+                "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"]
+        if d.qk_norm:
+            need += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
+        if d.moe_layers[layer]:
+            need += ["mlp.router.weight", "mlp.experts.experts.linear_fc1.weight",
+                     "mlp.experts.experts.linear_fc2.weight"]
+            if d.shared_ffn:
+                need += [f"mlp.shared_experts.{k}" for k in ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")]
+        else:
+            need += ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+        for local in need:
+            found = _layer_key(ckpt, local, layer)
+            if found is None:
+                raise CheckpointError(f"{ckpt.dir} has no tensor {local} for layer {layer}, which its saved "
+                                      "args imply; the checkpoint does not match its args.")
+            key, stacked = found
+            if stacked and ckpt.shape(key)[0] != d.num_layers:
+                raise CheckpointError(f"{ckpt.dir}: {key} has {ckpt.shape(key)[0]} layers, args say {d.num_layers}.")
+            if local == "mlp.experts.experts.linear_fc1.weight":
+                shape = tuple(ckpt.shape(key)[1:] if stacked else ckpt.shape(key))
+                if shape != (d.experts, 2 * d.moe_ffn, d.hidden):
+                    raise CheckpointError(f"{ckpt.dir}: expert fc1 of layer {layer} is {list(shape)}, args "
+                                          f"imply {[d.experts, 2 * d.moe_ffn, d.hidden]}.")
 
 
 def _hf_config(args, arch: str, torch_dtype):

@@ -14,6 +14,7 @@ Memory: the Megatron model (float32) plus one layer of HF tensors.
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Dict
@@ -32,6 +33,19 @@ _GLOBAL_FROM_HF = {
     "decoder.final_layernorm.weight": "model.norm.weight",
     "output_layer.weight": "lm_head.weight",
 }
+
+
+def _layer_of(sh):
+    """(layer or -1, key without the layer part, whether axis 0 is the layer axis).
+
+    Megatron stacks layers into `decoder.layers.<key>` [layers, ...] when all layers are alike,
+    and keys them `decoder.layers.<i>.<key>` when they are not (--moe-layer-freq patterns)."""
+    m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", sh.key)
+    if m:
+        return int(m.group(1)), m.group(2), False
+    if sh.key.startswith(_LAYER):
+        return sh.global_offset[0], sh.key[len(_LAYER):], True
+    return -1, sh.key, False
 
 
 def prepare_import(hf: str, *, tp: int = 1, pp: int = 1, ep: int = 1):
@@ -75,19 +89,18 @@ def _fill_model(model, arch: str, d, weights: HFWeights) -> int:
     tensors = [v for v in nested_values(sharded) if isinstance(v, ShardedTensor)]
     by_layer: Dict[int, list] = {}
     for sh in tensors:
-        layer = sh.global_offset[0] if sh.key.startswith(_LAYER) else -1
-        by_layer.setdefault(layer, []).append(sh)
+        by_layer.setdefault(_layer_of(sh)[0], []).append(sh)
     for layer in sorted(by_layer):
         if layer < 0:
             src = {k: weights.get(v if not (k == "output_layer.weight" and d.tied) else "model.embed_tokens.weight")
                    for k, v in _GLOBAL_FROM_HF.items() if any(sh.key == k for sh in by_layer[layer])}
         else:
-            src = {_LAYER + k: t for k, t in layer_from_hf(arch, d, layer, weights.get).items()}
+            src = layer_from_hf(arch, d, layer, weights.get)
         for sh in by_layer[layer]:
-            if sh.key not in src:
+            _, local, stacked = _layer_of(sh)
+            if local not in src:
                 raise RuntimeError(f"import-hf has no HF source for Megatron tensor {sh.key}; the "
                                    "Megatron model built from the flags has a tensor the mapping lacks.")
-            region = sh.global_slice()
-            region = region[1:] if layer >= 0 else region
-            sh.data.copy_(src[sh.key][region].reshape(sh.data.shape))
+            region = sh.global_slice()[1:] if stacked else sh.global_slice()
+            sh.data.copy_(src[local][region].reshape(sh.data.shape))
     return len(tensors)
