@@ -37,9 +37,26 @@ def qwen3_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mixtral_ckpt(tmp_path_factory):
+def sp_data(tmp_path_factory):
+    """prepare-data's SentencePiece tokenizer and datasets on a slice of the shipped corpus."""
+    import gzip
+
+    from megatron_moe_ext.training.data import SHIPPED_CORPUS, PrepareDataConfig, prepare_data
+
+    tmp = tmp_path_factory.mktemp("data")
+    (tmp / "in.txt").write_text(gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8").read()[:150_000])
+    return prepare_data(tmp / "out", [tmp / "in.txt"], PrepareDataConfig(vocab_size=400, doc_chars=1500, valid_fraction=0.1,
+                                                                  test_fraction=0.1),
+                        verbose=False)
+
+
+@pytest.fixture(scope="module")
+def mixtral_ckpt(tmp_path_factory, sp_data):
+    """Mixtral-like run on SequentialMLP experts with prepare-data's tokenizer (mock data)."""
     tmp = tmp_path_factory.mktemp("mixtral")
-    pretrain_cpu(tmp, tmp / "ckpt", tmp / "log.jsonl", "--moe-expert-backend", "sequential", train_iters=5)
+    pretrain_cpu(tmp, tmp / "ckpt", tmp / "log.jsonl", "--moe-expert-backend", "sequential",
+                 "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", sp_data.tokenizer_model,
+                 train_iters=5)
     return tmp / "ckpt"
 
 
@@ -97,7 +114,7 @@ def test_mixtral_export_sharded_bf16_and_logits(mixtral_ckpt, tmp_path):
     assert_same_tensors(hf_tensors(one), hf_tensors(sharded))
     assert "model.layers.0.block_sparse_moe.experts.2.w3.weight" in index["weight_map"]
 
-    r = megatron_vs_hf(tmp_path, TRAIN_FLAGS + ["--moe-expert-backend", "sequential"],
+    r = megatron_vs_hf(tmp_path, TRAIN_FLAGS + ["--moe-expert-backend", "sequential", "--vocab-size", "400"],
                        mixtral_ckpt / "iter_0000005", sharded)
     assert r["hf_class"] == "MixtralForCausalLM" and r["rel_fro"] < 1e-4, r
 
@@ -123,6 +140,27 @@ def _refused(capsys, args, out, inputs, words):
     assert tree_hash(inputs) == before
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
     return err
+
+
+@pytest.mark.dist
+@pytest.mark.dist
+def test_tokenizer_exported_with_the_same_ids(mixtral_ckpt, sp_data, tmp_path):
+    import gzip
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from megatron_moe_ext.training.data import SHIPPED_CORPUS
+
+    out = tmp_path / "hf"
+    assert main(["export-hf", "--load", str(mixtral_ckpt), "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer.model").exists()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    sp = spm.SentencePieceProcessor(model_file=sp_data.tokenizer_model)
+    text = gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8").read()[200_000:260_000]
+    for i in range(0, len(text), 3000):
+        assert tok.encode(text[i:i + 3000], add_special_tokens=False) == sp.encode(text[i:i + 3000]), i
+    assert tok.eos_token_id == sp.eos_id() == 2
 
 
 @pytest.mark.dist

@@ -9,8 +9,6 @@ byte is written, and the output appears only when complete (`outdir.staged_outpu
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -141,7 +139,10 @@ def _generation_config(config):
 
 
 def _write_tokenizer(args, out: Path) -> Optional[str]:
-    """The run's SentencePiece model as a Llama tokenizer transformers loads; None otherwise."""
+    """The run's SentencePiece model as a tokenizer transformers loads; None when the run used
+    another tokenizer (or its model file is gone: then a note says so)."""
+    from megatron_moe_ext.convert.hf.tokenizer import write_sentencepiece_tokenizer
+
     kind = getattr(args, "tokenizer_type", None)
     model = getattr(args, "tokenizer_model", None)
     if kind not in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer") or not model:
@@ -149,8 +150,7 @@ def _write_tokenizer(args, out: Path) -> Optional[str]:
     if not Path(model).is_file():
         print(f"export-hf: the run's tokenizer {model} is not found; no tokenizer written.")
         return None
-    shutil.copy2(model, out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-         "legacy": True}, indent=1))
-    return "tokenizer.model (LlamaTokenizer)"
+    written, why = write_sentencepiece_tokenizer(Path(model), out)
+    if not written:
+        print(f"export-hf: tokenizer {model} not written: {why}.")
+    return written
