@@ -35,15 +35,21 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=_env())
 
 
-def megatron_vs_hf(tmp: Path, flags, ckpt_iter: Path, hf_dir: Path, resave: Path | None = None) -> dict:
-    """Run tests/dist/hf_megatron_check.py (one CPU rank): Megatron's and HF's logits compared."""
+def megatron_vs_hf(tmp: Path, flags, ckpt_iter: Path | None, hf_dir: Path, resave: Path | None = None,
+                   import_to: Path | None = None) -> dict:
+    """Run tests/dist/hf_megatron_check.py (one CPU rank): Megatron's and HF's logits compared
+    (with `import_to`: import `hf_dir` there first, then compare)."""
     import shlex
 
-    flags_file = tmp / f"flags_{hf_dir.name}.txt"
-    flags_file.write_text(flags if isinstance(flags, str) else shlex.join(flags))
     out = tmp / f"check_{hf_dir.name}.json"
-    cmd = [sys.executable, str(DIST_DIR / "hf_megatron_check.py"), str(out), "--flags-file", str(flags_file),
-           "--ckpt", str(ckpt_iter), "--hf", str(hf_dir)] + (["--resave", str(resave)] if resave else [])
+    cmd = [sys.executable, str(DIST_DIR / "hf_megatron_check.py"), str(out), "--hf", str(hf_dir)]
+    if import_to:
+        cmd += ["--import-to", str(import_to)]
+    else:
+        flags_file = tmp / f"flags_{hf_dir.name}.txt"
+        flags_file.write_text(flags if isinstance(flags, str) else shlex.join(flags))
+        cmd += ["--flags-file", str(flags_file), "--ckpt", str(ckpt_iter)]
+    cmd += ["--resave", str(resave)] if resave else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())

@@ -2,6 +2,7 @@
 model's logits of an HF folder, on the same tokens.
 
     python hf_megatron_check.py OUT.json --flags-file F --ckpt ITER_DIR --hf HF_DIR [--resave DIR]
+    python hf_megatron_check.py OUT.json --import-to CKPT --hf HF_DIR     (import-hf first, EP=2 flags)
 
 The Megatron side is the real GPTModel built from the flags (TP=PP=EP=1) and filled by Megatron's
 own dist-checkpoint loader (so an EP=2 checkpoint is resharded by Megatron, not by our reader);
@@ -18,8 +19,9 @@ import torch
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--flags-file", required=True)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--flags-file")
+    p.add_argument("--ckpt")
+    p.add_argument("--import-to")
     p.add_argument("--hf", required=True)
     p.add_argument("--resave")
     a = p.parse_args()
@@ -27,6 +29,11 @@ def main():
     from megatron_moe_ext.convert.hf.megatron_model import (
         build_gpt_model, load_model_tensors, megatron_logits, save_checkpoint)
 
+    if a.import_to:   # the library call the import-hf verb makes, in this process
+        from megatron_moe_ext.convert.hf.import_hf import FLAGS_FILE, import_hf
+
+        import_hf(a.hf, a.import_to, ep=2)
+        a.flags_file, a.ckpt = f"{a.import_to}/{FLAGS_FILE}", f"{a.import_to}/release"
     flags = shlex.split(open(a.flags_file).read())
     model, args = build_gpt_model(flags)
     load_model_tensors(model, a.ckpt)
