@@ -37,9 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--routing", choices=["native", "topk"], default="native",
                    help="native: refuse plugin routing policies; topk: export their weights with plain "
                         "top-k routing (the HF model then routes differently from training)")
-    p.add_argument("--max-shard-size", type=_size, default="2GiB",
-                   help="largest safetensors shard, e.g. 5GB, 500MB (default 2GiB; one shard is "
-                        "buffered in host memory)")
+    p.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB; shards are written as "
+                        "tensors arrive, not buffered)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)

@@ -2,15 +2,15 @@
 safetensors in the per-expert layout, tokenizer when the run used a SentencePiece model).
 
 Streams layer by layer: each decoder layer's tensors are read from the checkpoint's chunks,
-mapped, cast and handed to the shard writer, so host memory holds one layer plus at most one
-output shard, never the whole model. Everything that can be checked is checked before the first
+mapped, cast and written straight into its shard file (headers are planned first), so host
+memory holds about one layer, never the whole model nor a whole shard. Everything that can be checked is checked before the first
 byte is written, and the output appears only when complete (`outdir.staged_output`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -21,12 +21,12 @@ from megatron_moe_ext.convert.hf.arch import (
     hf_config_kwargs,
 )
 from megatron_moe_ext.convert.hf.dist_reader import CheckpointError, MegatronCheckpoint, resolve_iteration_dir
-from megatron_moe_ext.convert.hf.mapping import GLOBAL_TO_HF, layer_to_hf
+from megatron_moe_ext.convert.hf.mapping import layer_to_hf
 from megatron_moe_ext.convert.hf.outdir import check_output, staged_output
-from megatron_moe_ext.convert.hf.safetensors_out import ShardedSafetensorsWriter
+from megatron_moe_ext.convert.hf.safetensors_out import StreamingSafetensorsWriter
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3   # 2 GiB: bounds host memory (one shard is buffered)
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3   # 5 GB, the Hub default; shards are streamed, not buffered
 _LAYER = "decoder.layers."
 
 
@@ -48,18 +48,16 @@ def export_hf(load: str, out: str, *, iteration: Optional[int] = None, dtype: Op
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if getattr(args, "bf16", False) else torch.float32)
     config = _hf_config(args, arch, torch_dtype)
 
+    # Run the mapping once on meta tensors (shapes only, no data) to learn every output tensor's
+    # name and shape in write order: the shard headers are then written before the data.
+    plan = [(n, tuple(t.shape)) for _, n, t in _hf_tensors(ckpt, arch, d, meta=True)]
     with staged_output(Path(out)) as stage:
-        writer = ShardedSafetensorsWriter(stage, max_shard_bytes)
-        writer.add("model.embed_tokens.weight", ckpt.read("embedding.word_embeddings.weight").to(torch_dtype))
-        for layer in tqdm(range(d.num_layers), desc="export-hf layers", disable=not progress):
-            def get(local, layer=layer):
-                return _read_layer(ckpt, local, layer)
-
-            for name, t in layer_to_hf(arch, d, layer, get).items():
-                writer.add(name, t.to(torch_dtype))
-        writer.add("model.norm.weight", ckpt.read("decoder.final_layernorm.weight").to(torch_dtype))
-        if not d.tied:
-            writer.add("lm_head.weight", ckpt.read("output_layer.weight").to(torch_dtype))
+        writer = StreamingSafetensorsWriter(stage, plan, torch_dtype, max_shard_bytes)
+        with tqdm(total=d.num_layers, desc="export-hf layers", disable=not progress) as bar:
+            for layer, name, t in _hf_tensors(ckpt, arch, d):
+                writer.add(name, t)
+                if layer + 1 > bar.n:   # a layer started: the ones before it are done
+                    bar.update(layer + 1 - bar.n)
         shards = writer.close()
         config.save_pretrained(str(stage))
         _generation_config(config).save_pretrained(str(stage))
@@ -72,6 +70,31 @@ def export_hf(load: str, out: str, *, iteration: Optional[int] = None, dtype: Op
     return summary
 
 
+def _hf_tensors(ckpt: MegatronCheckpoint, arch: str, d, meta: bool = False) -> Iterator[Tuple[int, str, torch.Tensor]]:
+    """(layer or -1, HF name, tensor) in write order, one layer read at a time; meta=True:
+    shapes only (meta tensors, nothing read)."""
+    def read(key, layer=None):
+        if not meta:
+            return ckpt.read(key, layer)
+        shape = ckpt.shape(key)
+        return torch.empty(tuple(shape)[1:] if layer is not None else tuple(shape), device="meta")
+
+    yield -1, "model.embed_tokens.weight", read("embedding.word_embeddings.weight")
+    for layer in range(d.num_layers):
+        def get(local, layer=layer):
+            found = _layer_key(ckpt, local, layer)
+            if found is None:
+                return None
+            key, stacked = found
+            return read(key, layer) if stacked else read(key)
+
+        for name, t in layer_to_hf(arch, d, layer, get).items():
+            yield layer, name, t
+    yield -1, "model.norm.weight", read("decoder.final_layernorm.weight")
+    if not d.tied:
+        yield -1, "lm_head.weight", read("output_layer.weight")
+
+
 def _layer_key(ckpt: MegatronCheckpoint, local: str, layer: int):
     """(key, stacked) of layer `layer`'s tensor `local`, or None. Megatron stacks alike layers as
     `decoder.layers.<local>` [layers, ...] and keys unlike ones (--moe-layer-freq patterns) as
@@ -81,14 +104,6 @@ def _layer_key(ckpt: MegatronCheckpoint, local: str, layer: int):
     if ckpt.has(f"{_LAYER}{layer}.{local}"):
         return f"{_LAYER}{layer}.{local}", False
     return None
-
-
-def _read_layer(ckpt: MegatronCheckpoint, local: str, layer: int):
-    found = _layer_key(ckpt, local, layer)
-    if found is None:
-        return None
-    key, stacked = found
-    return ckpt.read(key, layer) if stacked else ckpt.read(key)
 
 
 def _check_keys(ckpt: MegatronCheckpoint, d) -> None:
