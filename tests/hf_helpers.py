@@ -25,18 +25,33 @@ def tree_hash(path: Path) -> str:
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`megatron-moe-ext ARGS` in a fresh process (Megatron keeps process-wide state)."""
-    return subprocess.run([sys.executable, "-m", "megatron_moe_ext.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_moe_ext.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+    )
 
 
-def megatron_vs_hf(tmp: Path, flags, ckpt_iter: Path | None, hf_dir: Path, resave: Path | None = None,
-                   import_to: Path | None = None) -> dict:
+def megatron_vs_hf(
+    tmp: Path,
+    flags,
+    ckpt_iter: Path | None,
+    hf_dir: Path,
+    resave: Path | None = None,
+    import_to: Path | None = None,
+) -> dict:
     """Run tests/dist/hf_megatron_check.py (one CPU rank): Megatron's and HF's logits compared
     (with `import_to`: import `hf_dir` there first, then compare)."""
     import shlex

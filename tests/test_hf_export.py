@@ -24,8 +24,13 @@ from megatron_moe_ext.training.presets import tiny_moe_flags
 
 # Qwen3-MoE: q/k layernorm; GQA (4 query heads, 2 KV groups) so the grouped qkv split is tested;
 # softmax before top-k (norm_topk_prob=False).
-QWEN3_EXTRA = ["--qk-layernorm", "--group-query-attention", "--num-query-groups", "2",
-               "--moe-router-pre-softmax"]
+QWEN3_EXTRA = [
+    "--qk-layernorm",
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+    "--moe-router-pre-softmax",
+]
 TRAIN_FLAGS = tiny_moe_flags(**TINY_MODEL) + ["--vocab-size", "512"]
 
 
@@ -45,18 +50,30 @@ def sp_data(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("data")
     (tmp / "in.txt").write_text(gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8").read()[:150_000])
-    return prepare_data(tmp / "out", [tmp / "in.txt"], PrepareDataConfig(vocab_size=400, doc_chars=1500, valid_fraction=0.1,
-                                                                  test_fraction=0.1),
-                        verbose=False)
+    return prepare_data(
+        tmp / "out",
+        [tmp / "in.txt"],
+        PrepareDataConfig(vocab_size=400, doc_chars=1500, valid_fraction=0.1, test_fraction=0.1),
+        verbose=False,
+    )
 
 
 @pytest.fixture(scope="module")
 def mixtral_ckpt(tmp_path_factory, sp_data):
     """Mixtral-like run on SequentialMLP experts with prepare-data's tokenizer (mock data)."""
     tmp = tmp_path_factory.mktemp("mixtral")
-    pretrain_cpu(tmp, tmp / "ckpt", tmp / "log.jsonl", "--moe-expert-backend", "sequential",
-                 "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", sp_data.tokenizer_model,
-                 train_iters=5)
+    pretrain_cpu(
+        tmp,
+        tmp / "ckpt",
+        tmp / "log.jsonl",
+        "--moe-expert-backend",
+        "sequential",
+        "--tokenizer-type",
+        "GPTSentencePieceTokenizer",
+        "--tokenizer-model",
+        sp_data.tokenizer_model,
+        train_iters=5,
+    )
     return tmp / "ckpt"
 
 
@@ -80,7 +97,7 @@ def test_qwen3_export_logits_match_and_ep_layout_does_not_matter(qwen3_ckpt, tmp
     r = megatron_vs_hf(tmp_path, TRAIN_FLAGS + QWEN3_EXTRA, qwen3_ckpt / "iter_0000005", hf, resave=resaved)
     assert r["hf_class"] == "Qwen3MoeForCausalLM" and r["shape"] == [2, 24, 512]
     assert r["rel_fro"] < 1e-4, r
-    assert r["logit_scale"] > 0.1   # not a degenerate all-zero comparison
+    assert r["logit_scale"] > 0.1  # not a degenerate all-zero comparison
 
     # The same weights saved by Megatron in an EP=1 layout (one file, other chunks) export to
     # bit-identical tensors: the reader depends on global tensors only, not on the layout.
@@ -104,8 +121,22 @@ def test_mixtral_export_sharded_bf16_and_logits(mixtral_ckpt, tmp_path):
 
     one, sharded = tmp_path / "one", tmp_path / "sharded"
     assert main(["export-hf", "--load", str(mixtral_ckpt), "--out", str(one), "--dtype", "fp32"]) == 0
-    assert main(["export-hf", "--load", str(mixtral_ckpt), "--out", str(sharded), "--dtype", "fp32",
-                 "--max-shard-size", "200KB"]) == 0
+    assert (
+        main(
+            [
+                "export-hf",
+                "--load",
+                str(mixtral_ckpt),
+                "--out",
+                str(sharded),
+                "--dtype",
+                "fp32",
+                "--max-shard-size",
+                "200KB",
+            ]
+        )
+        == 0
+    )
     assert (one / "model.safetensors").exists() and not (one / "model.safetensors.index.json").exists()
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -114,8 +145,12 @@ def test_mixtral_export_sharded_bf16_and_logits(mixtral_ckpt, tmp_path):
     assert_same_tensors(hf_tensors(one), hf_tensors(sharded))
     assert "model.layers.0.block_sparse_moe.experts.2.w3.weight" in index["weight_map"]
 
-    r = megatron_vs_hf(tmp_path, TRAIN_FLAGS + ["--moe-expert-backend", "sequential", "--vocab-size", "400"],
-                       mixtral_ckpt / "iter_0000005", sharded)
+    r = megatron_vs_hf(
+        tmp_path,
+        TRAIN_FLAGS + ["--moe-expert-backend", "sequential", "--vocab-size", "400"],
+        mixtral_ckpt / "iter_0000005",
+        sharded,
+    )
     assert r["hf_class"] == "MixtralForCausalLM" and r["rel_fro"] < 1e-4, r
 
     bf = tmp_path / "bf16"
@@ -162,22 +197,37 @@ def test_tokenizer_exported_with_the_same_ids(mixtral_ckpt, sp_data, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=sp_data.tokenizer_model)
     text = gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8").read()[200_000:260_000]
     for i in range(0, len(text), 3000):
-        assert tok.encode(text[i:i + 3000], add_special_tokens=False) == sp.encode(text[i:i + 3000]), i
+        assert tok.encode(text[i : i + 3000], add_special_tokens=False) == sp.encode(text[i : i + 3000]), i
     assert tok.eos_token_id == sp.eos_id() == 2
 
 
 @pytest.mark.dist
 def test_export_bad_inputs(mixtral_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    _refused(capsys, ["export-hf", "--load", str(mixtral_ckpt), "--out", str(out), "--iteration", "3"],
-             out, mixtral_ckpt, ["--iteration 3", "iter_0000005"])
-    _refused(capsys, ["export-hf", "--load", str(tmp_path / "nope"), "--out", str(out)], out, mixtral_ckpt,
-             ["does not exist"])
+    _refused(
+        capsys,
+        ["export-hf", "--load", str(mixtral_ckpt), "--out", str(out), "--iteration", "3"],
+        out,
+        mixtral_ckpt,
+        ["--iteration 3", "iter_0000005"],
+    )
+    _refused(
+        capsys,
+        ["export-hf", "--load", str(tmp_path / "nope"), "--out", str(out)],
+        out,
+        mixtral_ckpt,
+        ["does not exist"],
+    )
     # output folder exists and is not empty: refused, its content kept; --overwrite replaces it
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _refused(capsys, ["export-hf", "--load", str(mixtral_ckpt), "--out", str(out)], out, mixtral_ckpt,
-             ["exists and is not empty", "--overwrite"])
+    _refused(
+        capsys,
+        ["export-hf", "--load", str(mixtral_ckpt), "--out", str(out)],
+        out,
+        mixtral_ckpt,
+        ["exists and is not empty", "--overwrite"],
+    )
     assert (out / "keep.txt").read_text() == "mine"
     assert main(["export-hf", "--load", str(mixtral_ckpt), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
@@ -200,13 +250,23 @@ def test_export_refuses_checkpoint_without_args(tmp_path, capsys):
 
     it = tmp_path / "ckpt" / "iter_0000001"
     it.mkdir(parents=True)
-    dcp.save({"embedding.word_embeddings.weight": torch.zeros(8, 4)}, storage_writer=FileSystemWriter(str(it)),
-             no_dist=True)
-    (it / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+    dcp.save(
+        {"embedding.word_embeddings.weight": torch.zeros(8, 4)},
+        storage_writer=FileSystemWriter(str(it)),
+        no_dist=True,
+    )
+    (it / "metadata.json").write_text(
+        json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
+    )
     (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1")
     out = tmp_path / "out"
-    _refused(capsys, ["export-hf", "--load", str(tmp_path / "ckpt"), "--out", str(out)], out,
-             tmp_path / "ckpt", ["no saved Megatron args"])
+    _refused(
+        capsys,
+        ["export-hf", "--load", str(tmp_path / "ckpt"), "--out", str(out)],
+        out,
+        tmp_path / "ckpt",
+        ["no saved Megatron args"],
+    )
 
 
 # --- architecture choice and refusals, on the real saved args ---------------------------------
@@ -227,15 +287,18 @@ def _with(args, **kw):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("change,arch", [
-    ({}, "mixtral"),
-    ({"qk_layernorm": True}, "qwen3_moe"),
-    ({"qk_layernorm": True, "moe_router_pre_softmax": True}, "qwen3_moe"),
-    ({"qk_layernorm": True, "moe_layer_freq": 2}, "qwen3_moe"),
-    ({"moe_shared_expert_intermediate_size": 64, "moe_shared_expert_gate": True}, "qwen2_moe"),
-    ({"untie_embeddings_and_output_weights": False}, "mixtral"),
-    ({"moe_router_topk_scaling_factor": 1.0}, "mixtral"),
-])
+@pytest.mark.parametrize(
+    "change,arch",
+    [
+        ({}, "mixtral"),
+        ({"qk_layernorm": True}, "qwen3_moe"),
+        ({"qk_layernorm": True, "moe_router_pre_softmax": True}, "qwen3_moe"),
+        ({"qk_layernorm": True, "moe_layer_freq": 2}, "qwen3_moe"),
+        ({"moe_shared_expert_intermediate_size": 64, "moe_shared_expert_gate": True}, "qwen2_moe"),
+        ({"untie_embeddings_and_output_weights": False}, "mixtral"),
+        ({"moe_router_topk_scaling_factor": 1.0}, "mixtral"),
+    ],
+)
 def test_architecture_choice(saved_args, change, arch):
     from megatron_moe_ext.convert.hf.arch import choose_architecture, hf_config_kwargs
 
@@ -244,23 +307,26 @@ def test_architecture_choice(saved_args, change, arch):
     kw = hf_config_kwargs(a, arch)
     if arch != "mixtral":
         assert kw["norm_topk_prob"] == (not change.get("moe_router_pre_softmax", False))
-    if change.get("moe_layer_freq") == 2:   # Megatron: layer i is MoE when i % 2 == 0
+    if change.get("moe_layer_freq") == 2:  # Megatron: layer i is MoE when i % 2 == 0
         assert kw["mlp_only_layers"] == [1] and kw["decoder_sparse_step"] == 1
     assert kw["tie_word_embeddings"] == (not a.untie_embeddings_and_output_weights)
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("change,words", [
-    ({"moe_router_pre_softmax": True}, ["--moe-router-pre-softmax", "renormalises"]),
-    ({"moe_router_score_function": "sigmoid"}, ["sigmoid", "softmax"]),
-    ({"moe_router_enable_expert_bias": True}, ["--moe-router-enable-expert-bias"]),
-    ({"moe_router_topk_scaling_factor": 2.5}, ["--moe-router-topk-scaling-factor"]),
-    ({"moe_router_policy": "c2r"}, ["--moe-router-policy c2r", "not exported yet", "--routing topk"]),
-    ({"moe_shared_expert_intermediate_size": 64}, ["--moe-shared-expert-gate"]),
-    ({"moe_layer_freq": 2}, ["--moe-layer-freq", "Mixtral"]),
-    ({"moe_router_group_topk": 2, "moe_router_num_groups": 2}, ["--moe-router-group-topk"]),
-    ({"moe_scmoe": "pos1"}, ["--moe-scmoe"]),
-])
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        ({"moe_router_pre_softmax": True}, ["--moe-router-pre-softmax", "renormalises"]),
+        ({"moe_router_score_function": "sigmoid"}, ["sigmoid", "softmax"]),
+        ({"moe_router_enable_expert_bias": True}, ["--moe-router-enable-expert-bias"]),
+        ({"moe_router_topk_scaling_factor": 2.5}, ["--moe-router-topk-scaling-factor"]),
+        ({"moe_router_policy": "c2r"}, ["--moe-router-policy c2r", "not exported yet", "--routing topk"]),
+        ({"moe_shared_expert_intermediate_size": 64}, ["--moe-shared-expert-gate"]),
+        ({"moe_layer_freq": 2}, ["--moe-layer-freq", "Mixtral"]),
+        ({"moe_router_group_topk": 2, "moe_router_num_groups": 2}, ["--moe-router-group-topk"]),
+        ({"moe_scmoe": "pos1"}, ["--moe-scmoe"]),
+    ],
+)
 def test_architecture_refusals(saved_args, change, words):
     from megatron_moe_ext.convert.hf.arch import choose_architecture
     from megatron_moe_ext.errors import UserError
@@ -286,9 +352,19 @@ def test_locmoe_checkpoint_refused_natively_and_exported_as_plain_topk(tmp_path,
     ckpt = tmp_path / "ckpt"
     pretrain_cpu(tmp_path, ckpt, tmp_path / "log.jsonl", "--moe-router-policy", "locmoe", train_iters=5)
     out = tmp_path / "hf"
-    _refused(capsys, ["export-hf", "--load", str(ckpt), "--out", str(out)], out, ckpt,
-             ["--moe-router-policy locmoe", "not exported yet", "--routing topk"])
-    assert main(["export-hf", "--load", str(ckpt), "--out", str(out), "--routing", "topk", "--dtype", "fp32"]) == 0
+    _refused(
+        capsys,
+        ["export-hf", "--load", str(ckpt), "--out", str(out)],
+        out,
+        ckpt,
+        ["--moe-router-policy locmoe", "not exported yet", "--routing topk"],
+    )
+    assert (
+        main(["export-hf", "--load", str(ckpt), "--out", str(out), "--routing", "topk", "--dtype", "fp32"])
+        == 0
+    )
     assert "routing plain top-k" in capsys.readouterr().out
-    r = megatron_vs_hf(tmp_path, TRAIN_FLAGS, ckpt / "iter_0000005", out)   # TRAIN_FLAGS: --moe-router-policy topk
+    r = megatron_vs_hf(
+        tmp_path, TRAIN_FLAGS, ckpt / "iter_0000005", out
+    )  # TRAIN_FLAGS: --moe-router-policy topk
     assert r["hf_class"] == "MixtralForCausalLM" and r["rel_fro"] < 1e-4, r

@@ -21,29 +21,65 @@ from hf_helpers import REPO, assert_same_tensors, cli, hf_tensors, megatron_vs_h
 
 from megatron_moe_ext.cli import main
 
-COMMON = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, num_experts_per_tok=2,
-              rms_norm_eps=1e-6)
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    num_experts_per_tok=2,
+    rms_norm_eps=1e-6,
+)
 
 
 def make_hf(kind: str, path, **save_kw):
     """A tiny random HF model of `kind` saved to `path`; norms and biases are random too, so a
     dropped or misplaced one changes the logits."""
-    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
-                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     torch.manual_seed({"qwen3": 1, "qwen2": 2, "mixtral": 3}[kind])
-    if kind == "qwen3":     # tied input and output embeddings
-        m = Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, num_experts=4, moe_intermediate_size=48,
-                                               intermediate_size=96, norm_topk_prob=True,
-                                               tie_word_embeddings=True))
-    elif kind == "qwen2":   # softmax before top-k, q/k/v bias, a gated shared expert, layer 1 dense
-        m = Qwen2MoeForCausalLM(Qwen2MoeConfig(**COMMON, num_experts=4, moe_intermediate_size=48,
-                                               intermediate_size=96, shared_expert_intermediate_size=80,
-                                               norm_topk_prob=False, qkv_bias=True, mlp_only_layers=[1]))
+    if kind == "qwen3":  # tied input and output embeddings
+        m = Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(
+                **COMMON,
+                num_experts=4,
+                moe_intermediate_size=48,
+                intermediate_size=96,
+                norm_topk_prob=True,
+                tie_word_embeddings=True,
+            )
+        )
+    elif kind == "qwen2":  # softmax before top-k, q/k/v bias, a gated shared expert, layer 1 dense
+        m = Qwen2MoeForCausalLM(
+            Qwen2MoeConfig(
+                **COMMON,
+                num_experts=4,
+                moe_intermediate_size=48,
+                intermediate_size=96,
+                shared_expert_intermediate_size=80,
+                norm_topk_prob=False,
+                qkv_bias=True,
+                mlp_only_layers=[1],
+            )
+        )
     else:
-        m = MixtralForCausalLM(MixtralConfig(**COMMON, num_local_experts=4, intermediate_size=48,
-                                             rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+        m = MixtralForCausalLM(
+            MixtralConfig(
+                **COMMON,
+                num_local_experts=4,
+                intermediate_size=48,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            )
+        )
     with torch.no_grad():
         for _, p in m.named_parameters():
             p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0, 0.1)
@@ -51,16 +87,37 @@ def make_hf(kind: str, path, **save_kw):
     return path
 
 
-FIELDS = ["model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers",
-          "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters",
-          "tie_word_embeddings", "num_experts_per_tok", "num_experts", "num_local_experts",
-          "intermediate_size", "moe_intermediate_size", "norm_topk_prob", "mlp_only_layers",
-          "shared_expert_intermediate_size", "qkv_bias", "max_position_embeddings", "hidden_act"]
+FIELDS = [
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "num_experts_per_tok",
+    "num_experts",
+    "num_local_experts",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "mlp_only_layers",
+    "shared_expert_intermediate_size",
+    "qkv_bias",
+    "max_position_embeddings",
+    "hidden_act",
+]
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("kind,cls", [("qwen3", "Qwen3MoeForCausalLM"), ("qwen2", "Qwen2MoeForCausalLM"),
-                                      ("mixtral", "MixtralForCausalLM")])
+@pytest.mark.parametrize(
+    "kind,cls",
+    [("qwen3", "Qwen3MoeForCausalLM"), ("qwen2", "Qwen2MoeForCausalLM"), ("mixtral", "MixtralForCausalLM")],
+)
 def test_hf_megatron_hf_round_trip(kind, cls, tmp_path):
     src = make_hf(kind, tmp_path / "src")
     before = tree_hash(src)
@@ -87,7 +144,7 @@ def test_fused_expert_layout_and_bin_import(tmp_path):
     per_expert = make_hf("qwen3", tmp_path / "per_expert")
     fused = make_hf("qwen3", tmp_path / "fused", save_original_format=False)
     names = set(hf_tensors(fused))
-    assert "model.layers.0.mlp.experts.gate_up_proj" in names      # really the fused layout on disk
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names  # really the fused layout on disk
     assert not any(".experts.0." in n for n in names)
 
     from megatron_moe_ext.convert.hf.import_hf import prepare_import
@@ -118,17 +175,60 @@ def test_pretrain_entry_trains_on_from_imported_checkpoint_with_ep2(tmp_path):
     assert "MixtralForCausalLM" in p.stdout and "--finetune" in p.stdout
     flags = shlex.split((ck / "megatron_flags.txt").read_text())
     saved = tmp_path / "trained"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "megatron_moe_ext.training.pretrain_gpt", "--cpu", *flags,
-           "--seq-length", "64", "--mock-data", "--tokenizer-type", "NullTokenizer",
-           "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1",
-           "--lr", "0", "--min-lr", "0", "--log-interval", "1", "--eval-iters", "0",
-           "--eval-interval", "100", "--hidden-dropout", "0", "--attention-dropout", "0",
-           "--load", str(ck), "--finetune", "--no-load-optim", "--no-load-rng",
-           "--save", str(saved), "--save-interval", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-                               "PYTHONPATH": str(REPO)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "megatron_moe_ext.training.pretrain_gpt",
+        "--cpu",
+        *flags,
+        "--seq-length",
+        "64",
+        "--mock-data",
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "1",
+        "--lr",
+        "0",
+        "--min-lr",
+        "0",
+        "--log-interval",
+        "1",
+        "--eval-iters",
+        "0",
+        "--eval-interval",
+        "100",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--load",
+        str(ck),
+        "--finetune",
+        "--no-load-optim",
+        "--no-load-rng",
+        "--save",
+        str(saved),
+        "--save-interval",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "successfully loaded checkpoint from" in proc.stdout
     assert (saved / "iter_0000001").is_dir()
@@ -195,12 +295,19 @@ def test_import_bad_inputs(sharded_src, tmp_path, capsys):
     (bad / "config.json").unlink()
     _refused(capsys, tmp_path, bad, ["no config.json"])
 
-    _refused(capsys, tmp_path, sharded_src, ["--expert-model-parallel-size 3", "does not divide 4"],
-             "--expert-model-parallel-size", "3")
+    _refused(
+        capsys,
+        tmp_path,
+        sharded_src,
+        ["--expert-model-parallel-size 3", "does not divide 4"],
+        "--expert-model-parallel-size",
+        "3",
+    )
 
     bad = _copy(sharded_src, tmp_path, "rope")
-    (bad / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
-                                                                           "rope_theta": 1e6}}))
+    (bad / "config.json").write_text(
+        json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}})
+    )
     _refused(capsys, tmp_path, bad, ["rope_parameters", "yarn"])
 
     out = tmp_path / "out"

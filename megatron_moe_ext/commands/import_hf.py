@@ -16,10 +16,15 @@ import argparse
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "import-hf", help="Import a HuggingFace MoE model folder as a Megatron checkpoint.",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "import-hf",
+        help="Import a HuggingFace MoE model folder as a Megatron checkpoint.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--hf", required=True, help="HF model folder (config.json + weights)")
-    p.add_argument("--out", required=True, help="Megatron checkpoint folder to write (new or empty, or --overwrite)")
+    p.add_argument(
+        "--out", required=True, help="Megatron checkpoint folder to write (new or empty, or --overwrite)"
+    )
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
@@ -35,9 +40,17 @@ def run(ns: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
     from megatron_moe_ext.convert.hf.import_hf import FLAGS_FILE, import_hf
 
-    s = import_hf(ns.hf, ns.out, tp=ns.tensor_model_parallel_size, pp=ns.pipeline_model_parallel_size,
-                  ep=ns.expert_model_parallel_size, overwrite=ns.overwrite)
-    print(f"imported {ns.hf} ({s['architecture']}, {s['layers']} layers, {s['experts']} experts, "
-          f"{s['parameters']:,} parameters) -> {s['out']}\nMegatron flags ({s['out']}/{FLAGS_FILE}):\n"
-          f"{s['flags']}\ntrain on with: --load {s['out']} --finetune <those flags> <data and schedule flags>")
+    s = import_hf(
+        ns.hf,
+        ns.out,
+        tp=ns.tensor_model_parallel_size,
+        pp=ns.pipeline_model_parallel_size,
+        ep=ns.expert_model_parallel_size,
+        overwrite=ns.overwrite,
+    )
+    print(
+        f"imported {ns.hf} ({s['architecture']}, {s['layers']} layers, {s['experts']} experts, "
+        f"{s['parameters']:,} parameters) -> {s['out']}\nMegatron flags ({s['out']}/{FLAGS_FILE}):\n"
+        f"{s['flags']}\ntrain on with: --load {s['out']} --finetune <those flags> <data and schedule flags>"
+    )
     return 0

@@ -27,9 +27,13 @@ def main():
     a = p.parse_args()
 
     from megatron_moe_ext.convert.hf.megatron_model import (
-        build_gpt_model, load_model_tensors, megatron_logits, save_checkpoint)
+        build_gpt_model,
+        load_model_tensors,
+        megatron_logits,
+        save_checkpoint,
+    )
 
-    if a.import_to:   # the library call the import-hf verb makes, in this process
+    if a.import_to:  # the library call the import-hf verb makes, in this process
         from megatron_moe_ext.convert.hf.import_hf import FLAGS_FILE, import_hf
 
         import_hf(a.hf, a.import_to, ep=2)
@@ -42,6 +46,7 @@ def main():
     mlog = megatron_logits(model, tokens)
     if a.resave:
         from pathlib import Path
+
         save_checkpoint(model, args, Path(a.resave), 1)
 
     from transformers import AutoModelForCausalLM
@@ -49,11 +54,14 @@ def main():
     hf = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32).eval()
     with torch.no_grad():
         hlog = hf(tokens).logits.float()
-    result = {"hf_class": type(hf).__name__, "shape": list(hlog.shape),
-              "max_abs": (mlog - hlog).abs().max().item(),
-              "rel_fro": ((mlog - hlog).norm() / hlog.norm()).item(),
-              "logit_scale": hlog.abs().max().item(),
-              "same_argmax": float((mlog.argmax(-1) == hlog.argmax(-1)).float().mean())}
+    result = {
+        "hf_class": type(hf).__name__,
+        "shape": list(hlog.shape),
+        "max_abs": (mlog - hlog).abs().max().item(),
+        "rel_fro": ((mlog - hlog).norm() / hlog.norm()).item(),
+        "logit_scale": hlog.abs().max().item(),
+        "same_argmax": float((mlog.argmax(-1) == hlog.argmax(-1)).float().mean()),
+    }
     with open(a.out, "w") as f:
         json.dump(result, f)
 

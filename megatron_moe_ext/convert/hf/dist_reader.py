@@ -42,13 +42,16 @@ def resolve_iteration_dir(load: Path, iteration: Optional[int]) -> Tuple[Path, s
         d = load / f"iter_{iteration:07d}"
         if not d.is_dir():
             have = sorted(p.name for p in load.glob("iter_*")) or ["none"]
-            raise CheckpointError(f"--iteration {iteration}: {d} does not exist (iterations there: "
-                                  f"{', '.join(have)}).")
+            raise CheckpointError(
+                f"--iteration {iteration}: {d} does not exist (iterations there: {', '.join(have)})."
+            )
         return d, d.name
     tracker = load / "latest_checkpointed_iteration.txt"
     if not tracker.exists():
-        raise CheckpointError(f"--load {load} is not a Megatron checkpoint folder (no "
-                              "latest_checkpointed_iteration.txt, iter_* or release folder).")
+        raise CheckpointError(
+            f"--load {load} is not a Megatron checkpoint folder (no "
+            "latest_checkpointed_iteration.txt, iter_* or release folder)."
+        )
     text = tracker.read_text().strip()
     d = load / ("release" if text == "release" else f"iter_{int(text):07d}")
     if not d.is_dir():
@@ -68,23 +71,27 @@ class MegatronCheckpoint:
 
         self.dir = Path(iter_dir)
         meta_json = self.dir / "metadata.json"
-        if not meta_json.exists() or \
-                json.loads(meta_json.read_text()).get("sharded_backend") != "torch_dist":
-            raise CheckpointError(f"{self.dir} is not a torch_dist checkpoint (metadata.json); save "
-                                  "with --ckpt-format torch_dist.")
+        if not meta_json.exists() or json.loads(meta_json.read_text()).get("sharded_backend") != "torch_dist":
+            raise CheckpointError(
+                f"{self.dir} is not a torch_dist checkpoint (metadata.json); save "
+                "with --ckpt-format torch_dist."
+            )
         try:
             self._meta = FileSystemReader(str(self.dir)).read_metadata()
         except Exception as e:  # truncated or foreign .metadata
             raise CheckpointError(f"{self.dir}/.metadata cannot be read ({type(e).__name__}).") from e
-        self._tensors = {k: v for k, v in self._meta.state_dict_metadata.items()
-                         if isinstance(v, TensorStorageMetadata)}
+        self._tensors = {
+            k: v for k, v in self._meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        }
         for info in self._meta.storage_data.values():
             f = self.dir / info.relative_path
             if not f.exists() or f.stat().st_size < info.offset + info.length:
                 raise CheckpointError(f"{f} is missing or truncated; the checkpoint is incomplete.")
             if info.transform_descriptors:
-                raise CheckpointError(f"{f} uses storage transforms {info.transform_descriptors}, "
-                                      "which this reader does not support.")
+                raise CheckpointError(
+                    f"{f} uses storage transforms {info.transform_descriptors}, "
+                    "which this reader does not support."
+                )
 
     def keys(self):
         return [k for k in self._tensors if not k.startswith("optimizer.")]
@@ -115,12 +122,16 @@ class MegatronCheckpoint:
             if not len(md.size):
                 return t
             a, b = max(lo, c_lo), min(hi, c_hi)
-            dst = [slice(a - lo, b - lo)] + [slice(o, o + s) for o, s in zip(chunk.offsets[1:], chunk.sizes[1:])]
-            out[tuple(dst)] = t[a - c_lo:b - c_lo]
+            dst = [slice(a - lo, b - lo)] + [
+                slice(o, o + s) for o, s in zip(chunk.offsets[1:], chunk.sizes[1:])
+            ]
+            out[tuple(dst)] = t[a - c_lo : b - c_lo]
             filled += (b - a) * t[0].numel()
         if filled != out.numel():
-            raise CheckpointError(f"{self.dir}: {key} (layer {layer}) is only partly stored "
-                                  f"({filled} of {out.numel()} elements).")
+            raise CheckpointError(
+                f"{self.dir}: {key} (layer {layer}) is only partly stored "
+                f"({filled} of {out.numel()} elements)."
+            )
         return out if layer is None else out[0]
 
     def _load_chunk(self, index) -> torch.Tensor:
@@ -137,13 +148,14 @@ class MegatronCheckpoint:
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
         for index, info in self._meta.storage_data.items():
-            if index.fqn.startswith("common_state") and \
-                    isinstance(self._meta.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            if index.fqn.startswith("common_state") and isinstance(
+                self._meta.state_dict_metadata.get(index.fqn), BytesStorageMetadata
+            ):
                 with open(self.dir / info.relative_path, "rb") as f:
                     f.seek(info.offset)
                     obj = torch.load(io.BytesIO(f.read(info.length)), weights_only=False)
                 return obj[0] if isinstance(obj, list) else obj
-        common = self.dir / "common.pt"   # older Megatron versions
+        common = self.dir / "common.pt"  # older Megatron versions
         if common.exists():
             return torch.load(common, weights_only=False)
         return {}
@@ -152,7 +164,9 @@ class MegatronCheckpoint:
         """The argparse namespace the run was started with; refused when absent."""
         args = self.common_state().get("args")
         if args is None:
-            raise CheckpointError(f"{self.dir} holds no saved Megatron args (common_state/common.pt), "
-                                  "so the model's hyperparameters are unknown; export needs a "
-                                  "checkpoint saved by Megatron's training loop.")
+            raise CheckpointError(
+                f"{self.dir} holds no saved Megatron args (common_state/common.pt), "
+                "so the model's hyperparameters are unknown; export needs a "
+                "checkpoint saved by Megatron's training loop."
+            )
         return args

@@ -83,14 +83,16 @@ class HFWeights:
         try:
             handle = safe_open(str(f), framework="pt")
             names = list(handle.keys())
-            header_end = 8 + int.from_bytes(f.open("rb").read(8), "little")
+            with f.open("rb") as fh:
+                header_end = 8 + int.from_bytes(fh.read(8), "little")
+                header = fh.read(header_end - 8)
             need = header_end
             for n in names:
                 sl = handle.get_slice(n)
                 shape = tuple(sl.get_shape())
                 self._add(n, shape, lambda n=n, h=handle: h.get_tensor(n))
             # safetensors checks offsets lazily: a truncated file fails only when read
-            meta = json.loads(f.open("rb").read(header_end)[8:])
+            meta = json.loads(header)
             end = max([v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"] or [0])
             need += end
         except HFFolderError:
@@ -104,12 +106,14 @@ class HFWeights:
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise HFFolderError(f"{f} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}).") from e
+            raise HFFolderError(
+                f"{f} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__})."
+            ) from e
         for n, t in sd.items():
             self._add(n, tuple(t.shape), lambda t=t: t)
 
     def _add(self, name: str, shape, load: Callable[[], torch.Tensor]) -> None:
-        if self.arch == "mixtral":   # transformers 5 in-memory names use .mlp. for Mixtral too
+        if self.arch == "mixtral":  # transformers 5 in-memory names use .mlp. for Mixtral too
             name = re.sub(r"^(model\.layers\.\d+)\.mlp\.(gate|experts)", r"\1.block_sparse_moe.\2", name)
         m = _FUSED.match(name)
         if not m:
@@ -121,23 +125,27 @@ class HFWeights:
         names = ("w1", "w3", "w2") if self.arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         E = shape[0]
         for e in range(E):
-            if kind == "gate_up_proj":    # [E, 2I, H], gate rows first
+            if kind == "gate_up_proj":  # [E, 2I, H], gate rows first
                 half = shape[1] // 2
                 for j, nm in enumerate(names[:2]):
                     self.shapes[f"{prefix}.{block}.experts.{e}.{nm}.weight"] = (half, shape[2])
-                    self._loaders[f"{prefix}.{block}.experts.{e}.{nm}.weight"] = \
-                        lambda e=e, j=j, half=half: load()[e, j * half:(j + 1) * half].contiguous()
-            else:                          # [E, H, I]
+                    self._loaders[f"{prefix}.{block}.experts.{e}.{nm}.weight"] = lambda e=e, j=j, half=half: (
+                        load()[e, j * half : (j + 1) * half].contiguous()
+                    )
+            else:  # [E, H, I]
                 self.shapes[f"{prefix}.{block}.experts.{e}.{names[2]}.weight"] = tuple(shape[1:])
-                self._loaders[f"{prefix}.{block}.experts.{e}.{names[2]}.weight"] = \
-                    lambda e=e: load()[e].contiguous()
+                self._loaders[f"{prefix}.{block}.experts.{e}.{names[2]}.weight"] = lambda e=e: load()[
+                    e
+                ].contiguous()
 
     def _cached(self, key: str, load: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """A fused tensor is read once for all its experts (the last one read is kept)."""
+
         def cached():
             if self._last[0] != key:
                 self._last = (key, load())
             return self._last[1]
+
         return cached
 
     def get(self, name: str) -> torch.Tensor:
@@ -149,9 +157,14 @@ class HFWeights:
             if name not in self.shapes:
                 raise HFFolderError(f"{self.dir} has no tensor {name}, which {config_path} implies.")
             if tuple(self.shapes[name]) != tuple(shape):
-                raise HFFolderError(f"{self.dir}: {name} has shape {list(self.shapes[name])} but "
-                                    f"{config_path} implies {list(shape)}.")
-        extra = [n for n in self.shapes if n not in expected and not n.endswith("rotary_emb.inv_freq")
-                 and not (n == "lm_head.weight")]
+                raise HFFolderError(
+                    f"{self.dir}: {name} has shape {list(self.shapes[name])} but "
+                    f"{config_path} implies {list(shape)}."
+                )
+        extra = [
+            n
+            for n in self.shapes
+            if n not in expected and not n.endswith("rotary_emb.inv_freq") and not (n == "lm_head.weight")
+        ]
         if extra:
             raise HFFolderError(f"{self.dir} has tensors {config_path} does not describe, e.g. {extra[0]}.")

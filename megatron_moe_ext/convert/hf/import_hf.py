@@ -23,16 +23,11 @@ import torch
 
 from megatron_moe_ext.convert.hf.arch import arch_from_hf_config, dims_from_hf, megatron_flags_from_hf
 from megatron_moe_ext.convert.hf.hf_reader import HFWeights, read_config
-from megatron_moe_ext.convert.hf.mapping import expected_hf_shapes, layer_from_hf
+from megatron_moe_ext.convert.hf.mapping import GLOBAL_TO_HF, expected_hf_shapes, layer_from_hf
 from megatron_moe_ext.convert.hf.outdir import check_output, staged_output
 
 FLAGS_FILE = "megatron_flags.txt"
 _LAYER = "decoder.layers."
-_GLOBAL_FROM_HF = {
-    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-    "decoder.final_layernorm.weight": "model.norm.weight",
-    "output_layer.weight": "lm_head.weight",
-}
 
 
 def _layer_of(sh):
@@ -44,7 +39,7 @@ def _layer_of(sh):
     if m:
         return int(m.group(1)), m.group(2), False
     if sh.key.startswith(_LAYER):
-        return sh.global_offset[0], sh.key[len(_LAYER):], True
+        return sh.global_offset[0], sh.key[len(_LAYER) :], True
     return -1, sh.key, False
 
 
@@ -72,9 +67,15 @@ def import_hf(hf: str, out: str, *, tp: int = 1, pp: int = 1, ep: int = 1, overw
     with staged_output(Path(out)) as stage:
         save_checkpoint(model, args, stage)
         (stage / FLAGS_FILE).write_text(shlex.join(flags) + "\n")
-    return {"out": str(Path(out).resolve()), "architecture": cfg.get("architectures", [arch])[0],
-            "layers": d.num_layers, "experts": d.experts, "tensors": filled,
-            "parameters": sum(p.numel() for p in model.parameters()), "flags": shlex.join(flags)}
+    return {
+        "out": str(Path(out).resolve()),
+        "architecture": cfg.get("architectures", [arch])[0],
+        "layers": d.num_layers,
+        "experts": d.experts,
+        "tensors": filled,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flags": shlex.join(flags),
+    }
 
 
 @torch.no_grad()
@@ -85,22 +86,29 @@ def _fill_model(model, arch: str, d, weights: HFWeights) -> int:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     sharded = model.sharded_state_dict()
-    apply_factories(sharded)   # SwiGLU fc1 -> [gate; up] halves as views of the parameter
+    apply_factories(sharded)  # SwiGLU fc1 -> [gate; up] halves as views of the parameter
     tensors = [v for v in nested_values(sharded) if isinstance(v, ShardedTensor)]
     by_layer: Dict[int, list] = {}
     for sh in tensors:
         by_layer.setdefault(_layer_of(sh)[0], []).append(sh)
     for layer in sorted(by_layer):
         if layer < 0:
-            src = {k: weights.get(v if not (k == "output_layer.weight" and d.tied) else "model.embed_tokens.weight")
-                   for k, v in _GLOBAL_FROM_HF.items() if any(sh.key == k for sh in by_layer[layer])}
+            src = {
+                k: weights.get(
+                    v if not (k == "output_layer.weight" and d.tied) else "model.embed_tokens.weight"
+                )
+                for k, v in GLOBAL_TO_HF.items()
+                if any(sh.key == k for sh in by_layer[layer])
+            }
         else:
             src = layer_from_hf(arch, d, layer, weights.get)
         for sh in by_layer[layer]:
             _, local, stacked = _layer_of(sh)
             if local not in src:
-                raise RuntimeError(f"import-hf has no HF source for Megatron tensor {sh.key}; the "
-                                   "Megatron model built from the flags has a tensor the mapping lacks.")
+                raise RuntimeError(
+                    f"import-hf has no HF source for Megatron tensor {sh.key}; the "
+                    "Megatron model built from the flags has a tensor the mapping lacks."
+                )
             region = sh.global_slice()[1:] if stacked else sh.global_slice()
             sh.data.copy_(src[local][region].reshape(sh.data.shape))
     return len(tensors)

@@ -38,6 +38,7 @@ GLOBAL_TO_HF = {
 
 # --- fused layouts --------------------------------------------------------------------------
 
+
 def split_qkv(w: Tensor, d: Dims):
     """Megatron's grouped qkv [G*(Q/G+2)*D, ...] -> (q [Q*D, ...], k [G*D, ...], v [G*D, ...])."""
     qpg = d.heads // d.groups
@@ -66,6 +67,7 @@ def split_gate_up(w: Tensor):
 
 # --- HF names --------------------------------------------------------------------------------
 
+
 def _names(arch: str, layer: int):
     p = f"model.layers.{layer}"
     moe = f"{p}.block_sparse_moe" if arch == "mixtral" else f"{p}.mlp"
@@ -83,19 +85,34 @@ def layer_to_hf(arch: str, d: Dims, layer: int, get: Callable[[str], Optional[Te
         f"{p}.self_attn.o_proj.weight": get("self_attention.linear_proj.weight"),
     }
     q, k, v = split_qkv(get("self_attention.linear_qkv.weight"), d)
-    out.update({f"{p}.self_attn.q_proj.weight": q, f"{p}.self_attn.k_proj.weight": k,
-                f"{p}.self_attn.v_proj.weight": v})
+    out.update(
+        {
+            f"{p}.self_attn.q_proj.weight": q,
+            f"{p}.self_attn.k_proj.weight": k,
+            f"{p}.self_attn.v_proj.weight": v,
+        }
+    )
     if d.qkv_bias:
         qb, kb, vb = split_qkv(get("self_attention.linear_qkv.bias"), d)
-        out.update({f"{p}.self_attn.q_proj.bias": qb, f"{p}.self_attn.k_proj.bias": kb,
-                    f"{p}.self_attn.v_proj.bias": vb})
+        out.update(
+            {
+                f"{p}.self_attn.q_proj.bias": qb,
+                f"{p}.self_attn.k_proj.bias": kb,
+                f"{p}.self_attn.v_proj.bias": vb,
+            }
+        )
     if d.qk_norm:
         out[f"{p}.self_attn.q_norm.weight"] = get("self_attention.q_layernorm.weight")
         out[f"{p}.self_attn.k_norm.weight"] = get("self_attention.k_layernorm.weight")
     if not d.moe_layers[layer]:
         gw, uw = split_gate_up(get("mlp.linear_fc1.weight"))
-        out.update({f"{p}.mlp.gate_proj.weight": gw, f"{p}.mlp.up_proj.weight": uw,
-                    f"{p}.mlp.down_proj.weight": get("mlp.linear_fc2.weight")})
+        out.update(
+            {
+                f"{p}.mlp.gate_proj.weight": gw,
+                f"{p}.mlp.up_proj.weight": uw,
+                f"{p}.mlp.down_proj.weight": get("mlp.linear_fc2.weight"),
+            }
+        )
         return out
     out[f"{moe}.gate.weight"] = get("mlp.router.weight")
     fc1, fc2 = get("mlp.experts.experts.linear_fc1.weight"), get("mlp.experts.experts.linear_fc2.weight")
@@ -106,9 +123,14 @@ def layer_to_hf(arch: str, d: Dims, layer: int, get: Callable[[str], Optional[Te
         out[f"{moe}.experts.{e}.{dn}.weight"] = fc2[e].contiguous()
     if d.shared_ffn:
         gw, uw = split_gate_up(get("mlp.shared_experts.linear_fc1.weight"))
-        out.update({f"{p}.mlp.shared_expert.gate_proj.weight": gw, f"{p}.mlp.shared_expert.up_proj.weight": uw,
-                    f"{p}.mlp.shared_expert.down_proj.weight": get("mlp.shared_experts.linear_fc2.weight"),
-                    f"{p}.mlp.shared_expert_gate.weight": get("mlp.shared_experts.gate_weight")})
+        out.update(
+            {
+                f"{p}.mlp.shared_expert.gate_proj.weight": gw,
+                f"{p}.mlp.shared_expert.up_proj.weight": uw,
+                f"{p}.mlp.shared_expert.down_proj.weight": get("mlp.shared_experts.linear_fc2.weight"),
+                f"{p}.mlp.shared_expert_gate.weight": get("mlp.shared_experts.gate_weight"),
+            }
+        )
     return out
 
 
@@ -121,28 +143,38 @@ def layer_from_hf(arch: str, d: Dims, layer: int, hf: Callable[[str], Tensor]) -
         "self_attention.linear_qkv.layer_norm_weight": hf(f"{p}.input_layernorm.weight"),
         "mlp.linear_fc1.layer_norm_weight": hf(f"{p}.post_attention_layernorm.weight"),
         "self_attention.linear_proj.weight": hf(f"{a}.o_proj.weight"),
-        "self_attention.linear_qkv.weight": merge_qkv(hf(f"{a}.q_proj.weight"), hf(f"{a}.k_proj.weight"),
-                                                      hf(f"{a}.v_proj.weight"), d),
+        "self_attention.linear_qkv.weight": merge_qkv(
+            hf(f"{a}.q_proj.weight"), hf(f"{a}.k_proj.weight"), hf(f"{a}.v_proj.weight"), d
+        ),
     }
     if d.qkv_bias:
-        out["self_attention.linear_qkv.bias"] = merge_qkv(hf(f"{a}.q_proj.bias"), hf(f"{a}.k_proj.bias"),
-                                                          hf(f"{a}.v_proj.bias"), d)
+        out["self_attention.linear_qkv.bias"] = merge_qkv(
+            hf(f"{a}.q_proj.bias"), hf(f"{a}.k_proj.bias"), hf(f"{a}.v_proj.bias"), d
+        )
     if d.qk_norm:
         out["self_attention.q_layernorm.weight"] = hf(f"{a}.q_norm.weight")
         out["self_attention.k_layernorm.weight"] = hf(f"{a}.k_norm.weight")
     if not d.moe_layers[layer]:
-        out["mlp.linear_fc1.weight"] = torch.cat([hf(f"{p}.mlp.gate_proj.weight"), hf(f"{p}.mlp.up_proj.weight")])
+        out["mlp.linear_fc1.weight"] = torch.cat(
+            [hf(f"{p}.mlp.gate_proj.weight"), hf(f"{p}.mlp.up_proj.weight")]
+        )
         out["mlp.linear_fc2.weight"] = hf(f"{p}.mlp.down_proj.weight")
         return out
     out["mlp.router.weight"] = hf(f"{moe}.gate.weight")
     out["mlp.experts.experts.linear_fc1.weight"] = torch.stack(
-        [torch.cat([hf(f"{moe}.experts.{e}.{g}.weight"), hf(f"{moe}.experts.{e}.{u}.weight")])
-         for e in range(d.experts)])
+        [
+            torch.cat([hf(f"{moe}.experts.{e}.{g}.weight"), hf(f"{moe}.experts.{e}.{u}.weight")])
+            for e in range(d.experts)
+        ]
+    )
     out["mlp.experts.experts.linear_fc2.weight"] = torch.stack(
-        [hf(f"{moe}.experts.{e}.{dn}.weight") for e in range(d.experts)])
+        [hf(f"{moe}.experts.{e}.{dn}.weight") for e in range(d.experts)]
+    )
     if d.shared_ffn:
         s = f"{p}.mlp.shared_expert"
-        out["mlp.shared_experts.linear_fc1.weight"] = torch.cat([hf(f"{s}.gate_proj.weight"), hf(f"{s}.up_proj.weight")])
+        out["mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+            [hf(f"{s}.gate_proj.weight"), hf(f"{s}.up_proj.weight")]
+        )
         out["mlp.shared_experts.linear_fc2.weight"] = hf(f"{s}.down_proj.weight")
         out["mlp.shared_experts.gate_weight"] = hf(f"{p}.mlp.shared_expert_gate.weight")
     return out
@@ -157,25 +189,52 @@ def expected_hf_shapes(arch: str, d: Dims) -> Dict[str, tuple]:
     for layer in range(d.num_layers):
         p, moe, g, u, dn = _names(arch, layer)
         a = f"{p}.self_attn"
-        shapes.update({f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,),
-                       f"{a}.q_proj.weight": (d.heads * D, H), f"{a}.k_proj.weight": (d.groups * D, H),
-                       f"{a}.v_proj.weight": (d.groups * D, H), f"{a}.o_proj.weight": (H, d.heads * D)})
+        shapes.update(
+            {
+                f"{p}.input_layernorm.weight": (H,),
+                f"{p}.post_attention_layernorm.weight": (H,),
+                f"{a}.q_proj.weight": (d.heads * D, H),
+                f"{a}.k_proj.weight": (d.groups * D, H),
+                f"{a}.v_proj.weight": (d.groups * D, H),
+                f"{a}.o_proj.weight": (H, d.heads * D),
+            }
+        )
         if d.qkv_bias:
-            shapes.update({f"{a}.q_proj.bias": (d.heads * D,), f"{a}.k_proj.bias": (d.groups * D,),
-                           f"{a}.v_proj.bias": (d.groups * D,)})
+            shapes.update(
+                {
+                    f"{a}.q_proj.bias": (d.heads * D,),
+                    f"{a}.k_proj.bias": (d.groups * D,),
+                    f"{a}.v_proj.bias": (d.groups * D,),
+                }
+            )
         if d.qk_norm:
             shapes.update({f"{a}.q_norm.weight": (D,), f"{a}.k_norm.weight": (D,)})
         if not d.moe_layers[layer]:
-            shapes.update({f"{p}.mlp.gate_proj.weight": (d.ffn, H), f"{p}.mlp.up_proj.weight": (d.ffn, H),
-                           f"{p}.mlp.down_proj.weight": (H, d.ffn)})
+            shapes.update(
+                {
+                    f"{p}.mlp.gate_proj.weight": (d.ffn, H),
+                    f"{p}.mlp.up_proj.weight": (d.ffn, H),
+                    f"{p}.mlp.down_proj.weight": (H, d.ffn),
+                }
+            )
             continue
         shapes[f"{moe}.gate.weight"] = (d.experts, H)
         for e in range(d.experts):
-            shapes.update({f"{moe}.experts.{e}.{g}.weight": (d.moe_ffn, H),
-                           f"{moe}.experts.{e}.{u}.weight": (d.moe_ffn, H),
-                           f"{moe}.experts.{e}.{dn}.weight": (H, d.moe_ffn)})
+            shapes.update(
+                {
+                    f"{moe}.experts.{e}.{g}.weight": (d.moe_ffn, H),
+                    f"{moe}.experts.{e}.{u}.weight": (d.moe_ffn, H),
+                    f"{moe}.experts.{e}.{dn}.weight": (H, d.moe_ffn),
+                }
+            )
         if d.shared_ffn:
             s = f"{p}.mlp.shared_expert"
-            shapes.update({f"{s}.gate_proj.weight": (d.shared_ffn, H), f"{s}.up_proj.weight": (d.shared_ffn, H),
-                           f"{s}.down_proj.weight": (H, d.shared_ffn), f"{p}.mlp.shared_expert_gate.weight": (1, H)})
+            shapes.update(
+                {
+                    f"{s}.gate_proj.weight": (d.shared_ffn, H),
+                    f"{s}.up_proj.weight": (d.shared_ffn, H),
+                    f"{s}.down_proj.weight": (H, d.shared_ffn),
+                    f"{p}.mlp.shared_expert_gate.weight": (1, H),
+                }
+            )
     return shapes

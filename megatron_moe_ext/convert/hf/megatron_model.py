@@ -21,9 +21,22 @@ import torch
 
 # Flags a one-rank build needs besides the model flags: a batch shape and a tokenizer that
 # validate_args accepts; no data is read.
-_BUILD_FLAGS = ["--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer",
-                "--train-iters", "1", "--lr", "1e-4", "--hidden-dropout", "0", "--attention-dropout", "0",
-                "--ckpt-format", "torch_dist"]
+_BUILD_FLAGS = [
+    "--micro-batch-size",
+    "1",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--train-iters",
+    "1",
+    "--lr",
+    "1e-4",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--ckpt-format",
+    "torch_dist",
+]
 
 
 def _init_one_rank() -> None:
@@ -53,13 +66,19 @@ def parse_megatron_args(model_flags: List[str]):
 
     _init_one_rank()
     flags = list(model_flags)
-    for name in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-                 "--expert-model-parallel-size"):
+    for name in (
+        "--tensor-model-parallel-size",
+        "--pipeline-model-parallel-size",
+        "--expert-model-parallel-size",
+    ):
         while name in flags:
             i = flags.index(name)
-            del flags[i:i + 2]
-    seq = [] if "--seq-length" in flags else \
-        ["--seq-length", flags[flags.index("--max-position-embeddings") + 1]]
+            del flags[i : i + 2]
+    seq = (
+        []
+        if "--seq-length" in flags
+        else ["--seq-length", flags[flags.index("--max-position-embeddings") + 1]]
+    )
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from megatron.training.global_vars import unset_global_variables
 
@@ -122,22 +141,33 @@ def save_checkpoint(model, args, root: Path, iteration: Optional[int] = None) ->
     iteration_name = "release" if iteration is None else f"iter_{iteration:07d}"
     it_dir = root / iteration_name
     it_dir.mkdir(parents=True)
-    try:   # the versioning metadata Megatron's own save_checkpoint records (private helpers)
+    try:  # the versioning metadata Megatron's own save_checkpoint records (private helpers)
         from megatron.training.checkpointing import (
             _build_sharded_state_dict_metadata,
             _clean_metadata_for_serialization,
         )
 
         content = _build_sharded_state_dict_metadata(args)
-        state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration or 0,
-                 "model": model.sharded_state_dict(metadata=content)}
-        dist_checkpointing.save(state, str(it_dir),
-                                content_metadata=_clean_metadata_for_serialization(content))
+        state = {
+            "args": args,
+            "checkpoint_version": 3.0,
+            "iteration": iteration or 0,
+            "model": model.sharded_state_dict(metadata=content),
+        }
+        dist_checkpointing.save(
+            state, str(it_dir), content_metadata=_clean_metadata_for_serialization(content)
+        )
     except ImportError:
-        state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration or 0,
-                 "model": model.sharded_state_dict()}
+        state = {
+            "args": args,
+            "checkpoint_version": 3.0,
+            "iteration": iteration or 0,
+            "model": model.sharded_state_dict(),
+        }
         dist_checkpointing.save(state, str(it_dir))
-    (root / "latest_checkpointed_iteration.txt").write_text("release" if iteration is None else str(iteration))
+    (root / "latest_checkpointed_iteration.txt").write_text(
+        "release" if iteration is None else str(iteration)
+    )
     return it_dir
 
 

@@ -40,14 +40,18 @@ def plan_shards(plan: Sequence[Tuple[str, tuple]], dtype: torch.dtype, max_shard
 class StreamingSafetensorsWriter:
     """add(name, tensor) in plan order; close() when done. Shapes and order are checked."""
 
-    def __init__(self, out_dir: Path, plan: Sequence[Tuple[str, tuple]], dtype: torch.dtype,
-                 max_shard_bytes: int):
+    def __init__(
+        self, out_dir: Path, plan: Sequence[Tuple[str, tuple]], dtype: torch.dtype, max_shard_bytes: int
+    ):
         self.out = Path(out_dir)
         self.dtype = dtype
         self.shards = plan_shards(plan, dtype, max_shard_bytes)
         n = len(self.shards)
-        self.names = ["model.safetensors"] if n == 1 else \
-            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self._shard, self._pos, self._f = -1, 0, None
         self.total_bytes = 0
         self.num_params = 0
@@ -61,7 +65,11 @@ class StreamingSafetensorsWriter:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, shape in self.shards[self._shard]:
             n = size * int(torch.Size(shape).numel())
-            header[name] = {"dtype": _DTYPE[self.dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[name] = {
+                "dtype": _DTYPE[self.dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + n],
+            }
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -90,6 +98,7 @@ class StreamingSafetensorsWriter:
             raise RuntimeError("export ended before every planned tensor was written")
         if len(self.names) > 1:
             weight_map = {name: self.names[i] for i, shard in enumerate(self.shards) for name, _ in shard}
-            (self.out / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2))
+            (self.out / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2)
+            )
         return self.names

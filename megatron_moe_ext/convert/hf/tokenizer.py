@@ -17,8 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
-_PROBES = ["Hello world, this is 2026!", "  leading spaces and\nnewlines\ttabs  ", "a\n\nb  c",
-           "ünïcödé 漢字 🙂 ﬁ ①", "The quick brown fox jumps over the lazy dog. " * 4]
+_PROBES = [
+    "Hello world, this is 2026!",
+    "  leading spaces and\nnewlines\ttabs  ",
+    "a\n\nb  c",
+    "ünïcödé 漢字 🙂 ﬁ ①",
+    "The quick brown fox jumps over the lazy dog. " * 4,
+]
 
 
 def write_sentencepiece_tokenizer(model: Path, out: Path) -> Tuple[Optional[str], str]:
@@ -29,16 +34,28 @@ def write_sentencepiece_tokenizer(model: Path, out: Path) -> Tuple[Optional[str]
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy2(model, Path(tmp) / "tokenizer.model")
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-             "legacy": True}))
+        (Path(tmp) / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "add_bos_token": False,
+                    "add_eos_token": False,
+                    "legacy": True,
+                }
+            )
+        )
         try:
             tok = AutoTokenizer.from_pretrained(tmp)
-        except Exception as e:   # e.g. protobuf missing
+        except Exception as e:  # e.g. protobuf missing
             return None, f"transformers could not convert it ({type(e).__name__})"
-    tok.backend_tokenizer.normalizer = normalizers.Sequence([
-        normalizers.NFKC(), normalizers.Replace(Regex(r"[\t\n\r\f\v]"), " "),
-        normalizers.Replace(Regex(r" {2,}"), " "), normalizers.Strip()])
+    tok.backend_tokenizer.normalizer = normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.Replace(Regex(r"[\t\n\r\f\v]"), " "),
+            normalizers.Replace(Regex(r" {2,}"), " "),
+            normalizers.Strip(),
+        ]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         cfg_path = Path(tmp) / "tokenizer_config.json"
