@@ -368,3 +368,17 @@ def test_locmoe_checkpoint_refused_natively_and_exported_as_plain_topk(tmp_path,
         tmp_path, TRAIN_FLAGS, ckpt / "iter_0000005", out
     )  # TRAIN_FLAGS: --moe-router-policy topk
     assert r["hf_class"] == "MixtralForCausalLM" and r["rel_fro"] < 1e-4, r
+
+
+@pytest.mark.dist
+def test_pipeline_parallel_checkpoint_exports(tmp_path):
+    """PP=2 (each rank saves its own layer of the stacked tensors): the same reader, same logits.
+    (TP > 1 with MoE needs sequence parallelism, which the CPU layer's torch norms lack.)"""
+    ckpt = tmp_path / "ckpt"
+    extra = ["--qk-layernorm", "--group-query-attention", "--num-query-groups", "2",
+             "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "1"]
+    pretrain_cpu(tmp_path, ckpt, tmp_path / "log.jsonl", *extra, train_iters=5)
+    out = tmp_path / "hf"
+    assert main(["export-hf", "--load", str(ckpt), "--out", str(out), "--dtype", "fp32"]) == 0
+    r = megatron_vs_hf(tmp_path, TRAIN_FLAGS + extra[:4], ckpt / "iter_0000005", out)
+    assert r["hf_class"] == "Qwen3MoeForCausalLM" and r["rel_fro"] < 1e-4, r
