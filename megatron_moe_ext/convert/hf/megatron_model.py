@@ -11,6 +11,7 @@ the CPU layer would move GPU work to the CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -61,8 +62,8 @@ def parse_megatron_args(model_flags: List[str]):
     parallel sizes in `model_flags` are replaced by 1 (the checkpoint format is layout-free)."""
     from megatron.training.arguments import parse_and_validate_args
 
+    from megatron_moe_ext.args import add_moe_ext_args
     from megatron_moe_ext.compat.presets import CPU_MEGATRON_FLAGS
-    from megatron_moe_ext.training.plugin import extra_args_provider
 
     _init_one_rank()
     flags = list(model_flags)
@@ -90,7 +91,7 @@ def parse_megatron_args(model_flags: List[str]):
     try:
         # validate_args prints every argument on rank 0; a converter's output should be its own.
         with contextlib.redirect_stdout(io.StringIO()):
-            args = parse_and_validate_args(extra_args_provider=extra_args_provider())
+            args = parse_and_validate_args(extra_args_provider=add_moe_ext_args)
     finally:
         sys.argv = saved
     return args
@@ -103,8 +104,11 @@ def build_gpt_model(model_flags: List[str]) -> Tuple[torch.nn.Module, object]:
     from megatron.training.argument_utils import gpt_config_from_args
     from megatron.training.models.gpt import GPTModelBuilder
 
+    from megatron_moe_ext.args import moe_ext_config_from_args
     from megatron_moe_ext.compat.cpu import reset_rng_tracker_for_cpu
-    from megatron_moe_ext.training.plugin import configure_model
+    from megatron_moe_ext.mcore.router_padding_fix import apply_router_padding_fix
+    from megatron_moe_ext.mcore.specs import moe_ext_decoder_block_spec
+    from megatron_moe_ext.mcore.wheel_fixes import apply_wheel_fixes
 
     args = parse_megatron_args(model_flags)
     if ps.model_parallel_is_initialized():
@@ -112,7 +116,14 @@ def build_gpt_model(model_flags: List[str]) -> Tuple[torch.nn.Module, object]:
     ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     reset_rng_tracker_for_cpu()
     model_cfg = gpt_config_from_args(args)
-    configure_model(args, model_cfg)
+    # The decoder spec and Megatron fixes of the pretrain entry (training.plugin.configure_model),
+    # without its run hooks, so the model and its checkpoint keys are the ones training uses.
+    apply_wheel_fixes()
+    apply_router_padding_fix()
+    if model_cfg.transformer_layer_spec is None:
+        model_cfg.transformer_layer_spec = functools.partial(
+            moe_ext_decoder_block_spec, ext_cfg=moe_ext_config_from_args(args)
+        )
     model = GPTModelBuilder(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
     model.eval()
     return model, args
