@@ -17,7 +17,7 @@ from megatron_moe_ext.errors import UserError
 
 # verbs in the order `--help` lists them (module names in megatron_moe_ext.commands)
 VERBS = ["quickstart", "pretrain", "prepare_data", "comm_volume", "profile", "plan_placement",
-         "apply_placement", "plot_metrics", "flags"]
+         "apply_placement", "plot_metrics", "export_hf", "import_hf", "flags"]
 
 
 def build_parser() -> argparse.ArgumentParser:
