@@ -106,9 +106,8 @@ def build_gpt_model(model_flags: List[str]) -> Tuple[torch.nn.Module, object]:
 
     from megatron_moe_ext.args import moe_ext_config_from_args
     from megatron_moe_ext.compat.cpu import reset_rng_tracker_for_cpu
-    from megatron_moe_ext.mcore.router_padding_fix import apply_router_padding_fix
+    from megatron_moe_ext.compat.megatron_0_19 import apply_patches
     from megatron_moe_ext.mcore.specs import moe_ext_decoder_block_spec
-    from megatron_moe_ext.mcore.wheel_fixes import apply_wheel_fixes
 
     args = parse_megatron_args(model_flags)
     if ps.model_parallel_is_initialized():
@@ -118,8 +117,7 @@ def build_gpt_model(model_flags: List[str]) -> Tuple[torch.nn.Module, object]:
     model_cfg = gpt_config_from_args(args)
     # The decoder spec and Megatron fixes of the pretrain entry (training.plugin.configure_model),
     # without its run hooks, so the model and its checkpoint keys are the ones training uses.
-    apply_wheel_fixes()
-    apply_router_padding_fix()
+    apply_patches("always")
     if model_cfg.transformer_layer_spec is None:
         model_cfg.transformer_layer_spec = functools.partial(
             moe_ext_decoder_block_spec, ext_cfg=moe_ext_config_from_args(args)
