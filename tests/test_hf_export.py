@@ -320,11 +320,14 @@ def test_architecture_choice(saved_args, change, arch):
         ({"moe_router_score_function": "sigmoid"}, ["sigmoid", "softmax"]),
         ({"moe_router_enable_expert_bias": True}, ["--moe-router-enable-expert-bias"]),
         ({"moe_router_topk_scaling_factor": 2.5}, ["--moe-router-topk-scaling-factor"]),
-        ({"moe_router_policy": "c2r"}, ["--moe-router-policy c2r", "not exported yet", "--routing topk"]),
+        (
+            {"moe_router_policy": "c2r", "moe_shared_expert_intermediate_size": 64, "moe_shared_expert_gate": True},
+            ["--moe-router-policy c2r", "shared expert"],
+        ),
         ({"moe_shared_expert_intermediate_size": 64}, ["--moe-shared-expert-gate"]),
         ({"moe_layer_freq": 2}, ["--moe-layer-freq", "Mixtral"]),
         ({"moe_router_group_topk": 2, "moe_router_num_groups": 2}, ["--moe-router-group-topk"]),
-        ({"moe_scmoe": "pos1"}, ["--moe-scmoe"]),
+        ({"moe_scmoe": "pos1", "qk_layernorm": True}, ["--qk-layernorm", "--moe-scmoe"]),
     ],
 )
 def test_architecture_refusals(saved_args, change, words):
@@ -346,19 +349,14 @@ def test_plugin_policy_exports_as_topk_only_when_asked(saved_args):
 
 
 @pytest.mark.dist
-def test_locmoe_checkpoint_refused_natively_and_exported_as_plain_topk(tmp_path, capsys):
-    """A run with a plugin routing policy (LocMoE): refused as it is; with --routing topk the HF
-    model computes what Megatron computes with the same weights and plain top-k routing."""
+def test_c2r_checkpoint_exported_as_plain_topk_when_asked(tmp_path, capsys):
+    """--routing topk: a C2R run's weights as the stock architecture, computing what Megatron
+    computes with the same weights and plain top-k routing (the native export is
+    tests/test_hf_plugin_export.py)."""
     ckpt = tmp_path / "ckpt"
-    pretrain_cpu(tmp_path, ckpt, tmp_path / "log.jsonl", "--moe-router-policy", "locmoe", train_iters=5)
+    pretrain_cpu(tmp_path, ckpt, tmp_path / "log.jsonl", "--moe-router-policy", "c2r", "--moe-c2r-top-t", "1",
+                 train_iters=5)
     out = tmp_path / "hf"
-    _refused(
-        capsys,
-        ["export-hf", "--load", str(ckpt), "--out", str(out)],
-        out,
-        ckpt,
-        ["--moe-router-policy locmoe", "not exported yet", "--routing topk"],
-    )
     assert (
         main(["export-hf", "--load", str(ckpt), "--out", str(out), "--routing", "topk", "--dtype", "fp32"])
         == 0

@@ -254,11 +254,21 @@ class C2RRouter(PolicyRouter):
                              persistent=warm)
         E = config.num_moe_experts
         self._coact = torch.zeros(E, E, dtype=torch.float64, device=dev) if warm else None
+        self._warmup_checked = False  # checked at the first forward (one host read per load)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if int(self.c2r_active.item()) == 1:
-            self._coact = None  # resumed after the warm-up: stay constrained
+        self._warmup_checked = False
+
+    def _warming_up(self) -> bool:
+        """True during the warm-up. A checkpoint saved after it (c2r_active = 1) resumes
+        constrained, however it was loaded (load_state_dict or Megatron's in-place dist load):
+        checked once per load, at the first forward."""
+        if self._coact is not None and not self._warmup_checked:
+            self._warmup_checked = True
+            if int(self.c2r_active.item()) == 1:
+                self._coact = None
+        return self._coact is not None
 
     def set_layer_number(self, layer_number: int) -> None:
         super().set_layer_number(layer_number)
@@ -272,7 +282,7 @@ class C2RRouter(PolicyRouter):
         from megatron_moe_ext.routing.policies.c2r import c2r_select
         from megatron_moe_ext.routing.policies.topk import topk_select
 
-        if self._coact is None:  # constrained (no warm-up, or it is over)
+        if not self._warming_up():  # constrained (no warm-up, or it is over)
             return c2r_select(scores, self.topk, self.c2r_partners)
         return topk_select(scores, self.topk)
 

@@ -51,7 +51,8 @@ def main():
 
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32).eval()
+    # trust_remote_code: the plugin's own architectures ship modeling_moe_ext.py (written by us)
+    hf = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32, trust_remote_code=True).eval()
     with torch.no_grad():
         hlog = hf(tokens).logits.float()
     result = {

@@ -95,20 +95,15 @@ def _refuse(setting: str, why: str) -> None:
 def choose_architecture(args, routing: str = "native") -> str:
     """'qwen3_moe' | 'qwen2_moe' | 'mixtral' for a Megatron run's args, or ArchitectureError.
 
-    routing='topk' exports a model trained with a plugin routing policy (C2R, LocMoE) as plain
-    top-k over the same router weights: the HF model then routes differently from training."""
+    For the plugin's routing policies and ScMoE this is the base architecture that
+    `plugin_arch.py` builds on (LocMoE maps to the stock one). routing='topk' exports a C2R or
+    LocMoE+ model as plain top-k over the same router weights: the HF model then routes
+    differently from training."""
     if not _get(args, "num_experts"):
         _refuse("--num-experts", "the model has no MoE layers; export-hf exports MoE models only.")
-    policy = _get(args, "moe_router_policy", "topk") or "topk"
-    if policy != "topk" and routing != "topk":
-        _refuse(
-            f"--moe-router-policy {policy}",
-            "the plugin's routing architectures are not exported "
-            "yet (no HF model computes them); pass --routing topk to export the weights with "
-            "plain top-k routing, which routes differently from training.",
-        )
-    if _get(args, "moe_scmoe", "off") not in (None, "off"):
-        _refuse(f"--moe-scmoe {args.moe_scmoe}", "shortcut-connected MoE layers have no HF architecture.")
+    from megatron_moe_ext.convert.hf.plugin_arch import base_check, plugin_variant
+
+    variant = plugin_variant(args, routing)  # the plugin's own architectures (plugin_arch.py)
     checks = [
         (not _get(args, "swiglu"), "--swiglu off", "the HF MoE models use SwiGLU experts."),
         (
@@ -189,6 +184,11 @@ def choose_architecture(args, routing: str = "native") -> str:
         if bad:
             _refuse(setting, why)
     d = dims_from_args(args)
+    if variant == "scmoe":  # built on Qwen2-MoE (its gated shared expert; DGMoE has none)
+        if d.qk_norm:
+            _refuse("--qk-layernorm with --moe-scmoe", "the ScMoE export is built on Qwen2-MoE, which has "
+                    "no q/k norm.")
+        return "qwen2_moe"
     pre_softmax = bool(_get(args, "moe_router_pre_softmax"))
     if d.shared_ffn:
         if not _get(args, "moe_shared_expert_gate"):
@@ -220,6 +220,7 @@ def choose_architecture(args, routing: str = "native") -> str:
             "Mixtral has MoE in every layer; dense layers map only to Qwen2/3-MoE "
             "(q/k norm or a gated shared expert).",
         )
+    base_check(variant, arch)
     return arch
 
 

@@ -15,8 +15,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from megatron_moe_ext.convert.hf import plugin_arch
 from megatron_moe_ext.convert.hf.arch import (
-    ARCHITECTURES,
     choose_architecture,
     dims_from_args,
     hf_config_kwargs,
@@ -24,6 +24,7 @@ from megatron_moe_ext.convert.hf.arch import (
 from megatron_moe_ext.convert.hf.dist_reader import CheckpointError, MegatronCheckpoint, resolve_iteration_dir
 from megatron_moe_ext.convert.hf.mapping import GLOBAL_TO_HF, layer_to_hf
 from megatron_moe_ext.convert.hf.outdir import check_output, staged_output
+from megatron_moe_ext.convert.hf.plugin_arch import plugin_variant, write_modeling_file
 from megatron_moe_ext.convert.hf.safetensors_out import StreamingSafetensorsWriter
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,12 +53,13 @@ def export_hf(
     ckpt = MegatronCheckpoint(iter_dir)
     args = ckpt.args()
     arch = choose_architecture(args, routing)
+    variant = plugin_variant(args, routing)
     d = dims_from_args(args)
-    _check_keys(ckpt, d)
+    _check_keys(ckpt, d, scmoe=variant == "scmoe")
     torch_dtype = (
         DTYPES[dtype] if dtype else (torch.bfloat16 if getattr(args, "bf16", False) else torch.float32)
     )
-    config = _hf_config(args, arch, torch_dtype)
+    config = _hf_config(args, arch, torch_dtype, variant, ckpt, d)
 
     # Run the mapping once on meta tensors (shapes only, no data) to learn every output tensor's
     # name and shape in write order: the shard headers are then written before the data.
@@ -71,13 +73,15 @@ def export_hf(
                     bar.update(layer + 1 - bar.n)
         shards = writer.close()
         config.save_pretrained(str(stage))
+        if variant:
+            write_modeling_file(stage)
         _generation_config(config).save_pretrained(str(stage))
         tokenizer = _write_tokenizer(args, stage)
     summary = {
         "out": str(Path(out).resolve()),
         "source": str(iter_dir),
         "iteration": it_name,
-        "architecture": ARCHITECTURES[arch],
+        "architecture": config.architectures[0],
         "layers": d.num_layers,
         "experts": d.experts,
         "parameters": writer.num_params,
@@ -130,7 +134,7 @@ def _layer_key(ckpt: MegatronCheckpoint, local: str, layer: int):
     return None
 
 
-def _check_keys(ckpt: MegatronCheckpoint, d) -> None:
+def _check_keys(ckpt: MegatronCheckpoint, d, scmoe: bool = False) -> None:
     """Every tensor the mapping needs is present, with the shape the args promise."""
     for key in ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"] + (
         [] if d.tied else ["output_layer.weight"]
@@ -157,6 +161,8 @@ def _check_keys(ckpt: MegatronCheckpoint, d) -> None:
                     f"mlp.shared_experts.{k}"
                     for k in ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")
                 ]
+            if scmoe:
+                need += ["shortcut_layernorm.weight"]
         else:
             need += ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
         for local in need:
@@ -180,10 +186,22 @@ def _check_keys(ckpt: MegatronCheckpoint, d) -> None:
                     )
 
 
-def _hf_config(args, arch: str, torch_dtype):
+def _hf_config(args, arch: str, torch_dtype, variant: Optional[str], ckpt: MegatronCheckpoint, d):
+    """The stock architecture's config, or the plugin variant's (plugin_arch.py)."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model(arch, **hf_config_kwargs(args, arch))
+    kwargs = hf_config_kwargs(args, arch)
+    if variant is None:
+        cfg = AutoConfig.for_model(arch, **kwargs)
+    else:
+        def read_layer(local: str, layer: int):
+            found = _layer_key(ckpt, local, layer)
+            if found is None:
+                return None
+            key, stacked = found
+            return ckpt.read(key, layer) if stacked else ckpt.read(key)
+
+        cfg = plugin_arch.config(args, arch, variant, kwargs, read_layer, list(d.moe_layers))
     cfg.dtype = torch_dtype
     return cfg
 

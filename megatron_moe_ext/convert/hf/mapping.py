@@ -115,6 +115,9 @@ def layer_to_hf(arch: str, d: Dims, layer: int, get: Callable[[str], Optional[Te
         )
         return out
     out[f"{moe}.gate.weight"] = get("mlp.router.weight")
+    shortcut_norm = get("shortcut_layernorm.weight")  # ScMoE layers: the routed input's own norm
+    if shortcut_norm is not None:
+        out[f"{moe}.shortcut_layernorm.weight"] = shortcut_norm
     fc1, fc2 = get("mlp.experts.experts.linear_fc1.weight"), get("mlp.experts.experts.linear_fc2.weight")
     for e in range(d.experts):
         gw, uw = split_gate_up(fc1[e])
