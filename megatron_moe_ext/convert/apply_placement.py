@@ -41,6 +41,11 @@ class PlacementError(UserError):
 def _iteration_dir(load: Path) -> Tuple[Path, str]:
     if (load / "latest_checkpointed_iteration.txt").exists():
         it = (load / "latest_checkpointed_iteration.txt").read_text().strip()
+        if it == "release":  # what import-hf writes (Megatron's name for a converted checkpoint)
+            return load / "release", it
+        if not it.isdigit():
+            raise PlacementError(f"--load {load}: latest_checkpointed_iteration.txt holds {it!r}, "
+                                 "neither an iteration nor 'release'.")
         return load / f"iter_{int(it):07d}", it
     m = re.fullmatch(r"iter_(\d+)", load.name)
     if m and (load / ".metadata").exists():
