@@ -48,6 +48,7 @@ from megatron_moe_ext.errors import UserError
 
 SHIPPED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus_en.txt.gz"
 MANIFEST = "manifest.json"
+SENTENCEPIECE_THREADS = 4  # fixed, so that tokenizer.model is byte-identical on every machine
 SCHEMA = "megatron-moe-ext/prepared-data"
 SCHEMA_VERSION = 2  # 2: output files' sizes and sha256 in "files"; strict decoding ("encoding")
 SPLITS = ("train", "valid", "test")
@@ -525,7 +526,10 @@ def _train_tokenizer(train_docs: List[str], model_prefix: Path, config: PrepareD
             model_type="bpe", character_coverage=1.0, byte_fallback=True,
             # ids: 0 pad, 1 <s>, 2 </s> (Megatron's end-of-document), 3 <unk>
             pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-            split_digits=True, num_threads=max(1, min(4, os.cpu_count() or 1)),
+            # A fixed thread count, not the machine's: the pieces do not depend on it (checked
+            # with 1, 2 and 4 threads, docs/reproducibility.md), but the .model file records it,
+            # so a machine-dependent count made the tokenizer's bytes differ between machines.
+            split_digits=True, num_threads=SENTENCEPIECE_THREADS,
             minloglevel=2)
     except RuntimeError as e:
         raise _tokenizer_error(str(e), config.vocab_size) from None
