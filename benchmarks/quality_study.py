@@ -175,8 +175,17 @@ def _launch(args, module: List[str], log_path: str, timeout: int) -> tuple:
     return rc, log, time.time() - t0
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun(args, flags: List[str]) -> List[str]:
-    return ["-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(args.port),
+    port = args.port or _free_port()
+    return ["-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(port),
             "-m", "megatron_moe_ext.training.pretrain_gpt", *flags]
 
 
@@ -382,7 +391,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="C2R/LocMoE warm-up and the plan rows' checkpoint, as a fraction of the run")
     ap.add_argument("--trace-tokens", type=int, default=16384, help="tokens per layer in the routing trace")
     ap.add_argument("--row-timeout", type=int, default=1800)
-    ap.add_argument("--port", type=int, default=29531)
+    ap.add_argument("--port", type=int, default=0, help="torchrun's master port (0: a free one per run)")
     ap.add_argument("--cpu", action="store_true", help="gloo and the CPU compatibility layer")
     ap.add_argument("--tiny", action="store_true", help="small dimensions (smoke test)")
     args = ap.parse_args(argv)
