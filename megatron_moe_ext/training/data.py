@@ -520,20 +520,25 @@ def _train_tokenizer(train_docs: List[str], model_prefix: Path, config: PrepareD
                     written += len(line)
             if written >= config.tokenizer_sample_chars:
                 break
+    # The .model file records the trainer's input and model_prefix strings: relative names (the
+    # trainer runs in the partial folder), so that the temporary folder's name (host, PID, random
+    # suffix) is not in it and the tokenizer's bytes repeat from run to run and machine to machine.
+    cwd = os.getcwd()
     try:
+        os.chdir(model_prefix.parent)
         spm.SentencePieceTrainer.train(
-            input=str(sample), model_prefix=str(model_prefix), vocab_size=config.vocab_size,
+            input=sample.name, model_prefix=model_prefix.name, vocab_size=config.vocab_size,
             model_type="bpe", character_coverage=1.0, byte_fallback=True,
             # ids: 0 pad, 1 <s>, 2 </s> (Megatron's end-of-document), 3 <unk>
             pad_id=0, bos_id=1, eos_id=2, unk_id=3,
             # A fixed thread count, not the machine's: the pieces do not depend on it (checked
-            # with 1, 2 and 4 threads, docs/reproducibility.md), but the .model file records it,
-            # so a machine-dependent count made the tokenizer's bytes differ between machines.
+            # with 1, 2 and 4 threads, docs/reproducibility.md), but the .model file records it.
             split_digits=True, num_threads=SENTENCEPIECE_THREADS,
             minloglevel=2)
     except RuntimeError as e:
         raise _tokenizer_error(str(e), config.vocab_size) from None
     finally:
+        os.chdir(cwd)
         sample.unlink()
     return model_prefix.with_suffix(".model")
 
