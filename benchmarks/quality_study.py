@@ -311,21 +311,27 @@ def run_one(name: str, seed: int, args, data: dict) -> dict:
         result.update(rc="plan failed", error=str(e)[-3000:])
         return result
     flags = base_flags(args, "dense" if kind == "dense" else "moe", seed, data) + row_flags(name, args) + extra
-    flags += ["--moe-ext-run-log", os.path.join(rundir, "run.jsonl")] if kind != "dense" else []
+    flags += ["--moe-ext-run-log", os.path.join(rundir, "run.jsonl")]
     if kind != "dense":
         flags += ["--save-routing-trace", os.path.join(rundir, "trace"),
                   "--routing-trace-max-tokens", str(args.trace_tokens)]
-    if name == "topk" and any(ROWS[r][2] == "plan" for r in args.row_list):
+    if name == "topk":   # the plan rows start from its checkpoint at iteration W
         flags += ["--save", os.path.join(rundir, "ckpt"), "--save-interval", str(warmup_iters(args))]
     cmd = _torchrun(args, flags)
     rc, log, wall = _launch(args, cmd, os.path.join(rundir, "log.txt"), args.row_timeout)
     result["commands"].append(_clean(cmd, args, data))
     result.update(rc=rc, completed="after training is done" in log, wall_s=round(wall, 1))
     result.update(parse_run(os.path.join(rundir, "run.jsonl"), log, args))
-    if kind == "dense":
+    if kind == "dense" and not result.get("valid_curve"):
         result.update(_valid_from_log(log))
     if rc != 0 and not result["completed"]:
         result["log_tail"] = log[-3000:]
+    if name == "topk":   # keep only iteration W's checkpoint (about 1 GB at the GPU size)
+        ckpt = os.path.join(rundir, "ckpt")
+        keep = f"iter_{warmup_iters(args):07d}"
+        for d in (os.listdir(ckpt) if os.path.isdir(ckpt) else []):
+            if d.startswith("iter_") and d != keep:
+                shutil.rmtree(os.path.join(ckpt, d), ignore_errors=True)
     result["comm_volume"] = comm_volume(name, args, rundir, plan)
     for topo, v in result["comm_volume"].items():
         for key in ("rows_per_token", "remote_rows_per_token", "inter_node_rows_per_token"):
@@ -392,6 +398,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--trace-tokens", type=int, default=16384, help="tokens per layer in the routing trace")
     ap.add_argument("--row-timeout", type=int, default=1800)
     ap.add_argument("--port", type=int, default=0, help="torchrun's master port (0: a free one per run)")
+    ap.add_argument("--skip-done", action="store_true",
+                    help="skip (row, seed) pairs whose result in --out completed (resume across calls)")
     ap.add_argument("--cpu", action="store_true", help="gloo and the CPU compatibility layer")
     ap.add_argument("--tiny", action="store_true", help="small dimensions (smoke test)")
     args = ap.parse_args(argv)
@@ -407,16 +415,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.row_list = rows
     os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
     data = resolve_data(args)
-    results = []
     for seed in seeds:
         for name in rows:
+            done = os.path.join(args.out, "results", f"{name}_s{seed}.json")
+            if args.skip_done and os.path.exists(done) and json.load(open(done)).get("completed"):
+                if name != "topk" or os.path.isdir(os.path.join(args.out, "runs", f"topk_s{seed}", "ckpt")):
+                    print(f"[quality_study] {name} seed {seed}: done before, skipped", flush=True)
+                    continue
             print(f"[quality_study] {name} seed {seed} ...", flush=True)
             r = run_one(name, seed, args, data)
-            results.append(r)
             with open(os.path.join(args.out, "results", f"{name}_s{seed}.json"), "w") as f:
                 json.dump(r, f, indent=1)
             print(f"[quality_study] {name} seed {seed}: rc={r.get('rc')} valid={r.get('valid_loss')} "
                   f"tokens/s={r.get('tokens_per_s')} wall={r.get('wall_s')} s", flush=True)
+    # the summary covers every run in --out (earlier invocations' too), in row order, then seed
+    order = {n: i for i, n in enumerate(ROWS)}
+    results = []
+    for fn in os.listdir(os.path.join(args.out, "results")):
+        if fn.endswith(".json"):
+            with open(os.path.join(args.out, "results", fn)) as f:
+                results.append(json.load(f))
+    results.sort(key=lambda r: (order.get(r["row"], 99), r["seed"]))
     table = summary_table(results)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "data", "row_list")}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
