@@ -160,7 +160,7 @@ def row_flags(name: str, args) -> List[str]:
 
 def _launch(args, module: List[str], log_path: str, timeout: int) -> tuple:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
-               CUDA_DEVICE_MAX_CONNECTIONS="1")
+               CUDA_DEVICE_MAX_CONNECTIONS="32")   # TP = 1; ScMoE's side stream wants more than 1
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.time()
     try:
