@@ -421,7 +421,14 @@ def _build(out: Path, split_docs: dict, config: PrepareDataConfig, fingerprint: 
         raise PrepareDataError(f"--output-dir {out} cannot be written ({e}).") from None
     finally:
         if not done:
-            if tmp is not None:
+            if tmp is None:
+                # interrupted between mkdtemp creating the folder and `tmp` being set: find it
+                # by this process's owner prefix
+                prefix = f".{out.name}.partial-{_owner()}-"
+                for p in out.parent.iterdir() if out.parent.is_dir() else ():
+                    if p.name.startswith(prefix):
+                        shutil.rmtree(p, ignore_errors=True)
+            else:
                 shutil.rmtree(tmp, ignore_errors=True)
             for folder in reversed(made):
                 _rmdir_quietly(folder)
