@@ -97,7 +97,12 @@ def check_with_megatron(cfg: MoEExtConfig, a: Any) -> None:
     if cfg.router_policy != "topk" or cfg.scmoe == "dgmoe":  # a PolicyRouter will be built
         problems.append(policy_router_problem(a, cfg.router_policy))
     if cfg.router_policy == "c2r":
-        _check_c2r(cfg, topology, topk)
+        layout = cfg.c2r_layout_ep
+        if layout is not None and (layout % ep or num_experts % layout):
+            raise MoEExtConfigError(
+                f"--moe-c2r-layout-ep {layout} must be a multiple of --expert-model-parallel-size {ep} "
+                f"and divide --num-experts {num_experts}.")
+        _check_c2r(cfg, EPTopology(num_experts, layout or ep, layout or ep), topk)
     if cfg.router_policy in ("locmoe", "locmoe-plus"):
         _check_locmoe(cfg, a, num_experts, ep, rpn)
     if cfg.dedup_dispatch:

@@ -91,6 +91,11 @@ class MoEExtConfig:
     """C2R from scratch: plain top-k for W iterations while profiling, then partners among
     co-resident experts, frozen and checkpointed."""
 
+    c2r_layout_ep: Optional[int] = _opt(None, policies=("c2r",), metavar="N")
+    """C2R: the expert-parallel size whose placement the constraint follows (default: the run's).
+    A one-GPU study emulating EP N: co-resident partners, the default T and a plan are those of
+    EP N, while the run itself has EP 1 (or any EP dividing N)."""
+
     profile_collaboration: Optional[str] = _opt(None, metavar="DIR")
     """Record expert co-activation of every MoE layer and write a collaboration profile to DIR at
     the end of the run (see `megatron-moe-ext profile`)."""
@@ -191,6 +196,9 @@ class MoEExtConfig:
             raise MoEExtConfigError("--moe-locmoe-eps must be between 0 and 1 (exclusive).")
         if not 0 < self.locmoe_plus_tau <= 1:
             raise MoEExtConfigError("--moe-locmoe-plus-tau must be in (0, 1].")
+        if self.c2r_layout_ep is not None and self.c2r_layout_ep < 1:
+            raise MoEExtConfigError(
+                f"--moe-c2r-layout-ep must be a positive EP size, got {self.c2r_layout_ep}.")
         if self.c2r_plan and self.c2r_warmup_steps:
             raise MoEExtConfigError("--moe-c2r-plan and --moe-c2r-warmup-steps both set the partner "
                                     "lists; use one of them.")

@@ -88,3 +88,30 @@ def test_warmup_freezes_co_resident_partners_and_state_dict_carries_them(megatro
     _, fresh = _make(megatron_cpu, ext)
     fresh.load_state_dict(sd)
     assert fresh.c2r_active.item() == 1 and torch.equal(fresh.c2r_partners, ours.c2r_partners)
+
+
+def test_layout_ep_emulates_another_placement_on_one_rank(megatron_cpu, monkeypatch):
+    """--moe-c2r-layout-ep 4 at EP 1: the default T, the default partners and the warm-up's
+    co-resident partners are EP 4's (2 of the 8 experts per rank), not EP 1's (all 8)."""
+    import megatron.core.num_microbatches_calculator as nmc
+
+    from megatron_moe_ext.errors import UserError
+
+    _, plain = _make(megatron_cpu, MoEExtConfig(router_policy="c2r"))
+    assert plain.top_t == 7                        # EP 1: every expert co-resident
+    _, laid = _make(megatron_cpu, MoEExtConfig(router_policy="c2r", c2r_top_t=2, c2r_layout_ep=4))
+    # default lists: the co-resident expert first, then the next rank's
+    assert [int(p[0]) for p in laid.c2r_partners] == [e ^ 1 for e in range(8)]
+    monkeypatch.setattr(nmc, "get_num_microbatches", lambda: 1)
+    # top-3 needs T >= 2: layout EP 2 (4 experts per rank), T = 3 co-resident partners
+    ext = MoEExtConfig(router_policy="c2r", c2r_top_t=3, c2r_layout_ep=2, c2r_warmup_steps=1)
+    _, warm = _make(megatron_cpu, ext)
+    warm(torch.randn(40, 1, 16))
+    warm.on_iteration_end(1)
+    assert warm.c2r_active.item() == 1
+    for e, partners in enumerate(warm.c2r_partners.tolist()):   # exactly its rank-mates
+        assert set(partners) == set(range(e // 4 * 4, e // 4 * 4 + 4)) - {e}
+    with pytest.raises(ValueError, match="layout-ep"):
+        _make(megatron_cpu, MoEExtConfig(router_policy="c2r", c2r_layout_ep=3))
+    with pytest.raises(UserError, match="layout-ep"):
+        MoEExtConfig(router_policy="c2r", c2r_layout_ep=0).validate()

@@ -108,3 +108,44 @@ def test_not_a_trace_is_named(tmp_path, capsys):
     torch.save({"hello": 1}, bad)
     assert main(["comm-volume", "--trace", str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_ep1_trace_is_read_at_ep8(tmp_path, capsys):
+    """A one-GPU (EP 1) trace read at --ep 8: tokens in 8 contiguous blocks, block r on rank r."""
+    T, E = 800, 16
+    logits = torch.full((T, E), -10.0)
+    src = torch.arange(T) * 8 // T
+    logits[torch.arange(T), 2 * src] = 10.0          # every token's top-2 are its own block's rank's
+    logits[torch.arange(T), 2 * src + 1] = 9.0
+    save_trace(trace_path(tmp_path, 3, 0), {1: logits}, iteration=3, num_experts=E, topk=2,
+               ep_size=1, ep_rank=0, ep_ranks_per_node=1)
+    one = _json(capsys, "--trace", str(tmp_path))
+    assert one["ep"] == 1 and one["remote_rows_per_token"] == 0.0
+    at8 = _json(capsys, "--trace", str(tmp_path), "--ep", "8", "--ranks-per-node", "4")
+    assert at8["ep"] == 8 and at8["ranks_per_node"] == 4 and at8["tokens"] == T
+    assert at8["remote_rows_per_token"] == 0.0 and at8["distinct_ranks_per_token"] == 1.0
+    logits[:, :2] += 30.0                            # now every token wants rank 0's experts
+    save_trace(trace_path(tmp_path, 3, 0), {1: logits}, iteration=3, num_experts=E, topk=2,
+               ep_size=1, ep_rank=0, ep_ranks_per_node=1)
+    at8 = _json(capsys, "--trace", str(tmp_path), "--ep", "8", "--ranks-per-node", "4")
+    assert at8["remote_rows_per_token"] == pytest.approx(2 * 7 / 8)     # all but block 0 remote
+    assert at8["inter_node_rows_per_token"] == pytest.approx(2 * 4 / 8)  # blocks 4-7 off node 0
+
+
+def test_multi_rank_trace_is_not_reinterpreted(tmp_path, capsys):
+    for rank in (0, 1):
+        save_trace(trace_path(tmp_path, 1, rank), {1: torch.randn(10, 8)}, iteration=1, num_experts=8,
+                   topk=2, ep_size=2, ep_rank=rank, ep_ranks_per_node=2)
+    assert main(["comm-volume", "--trace", str(tmp_path), "--ep", "4", "--json"]) != 0
+    assert "only an EP-1 trace" in capsys.readouterr().err
+
+
+def test_group_limited_routing_offline(capsys):
+    """Megatron's group-limited routing: group-topk 1 keeps a token's experts on one group (rank)."""
+    base = ["--experts", "16", "--topk", "2", "--ep", "8", "--tokens", "4000", "--dedup"]
+    g1 = _json(capsys, *base, "--router-num-groups", "8", "--router-group-topk", "1")
+    g2 = _json(capsys, *base, "--router-num-groups", "8", "--router-group-topk", "2")
+    plain = _json(capsys, *base)
+    assert g1["distinct_ranks_per_token"] == 1.0 and g1["rows_per_token"] == 1.0
+    assert g2["rows_per_token"] == plain["rows_per_token"] > 1.0    # 2 groups at top-2: plain top-k
+    assert main(["comm-volume", *base, "--router-num-groups", "3", "--router-group-topk", "1"]) != 0

@@ -392,3 +392,20 @@ def test_library_refuses_values_that_are_not_finite_or_in_range(tmp_path, sample
     with pytest.raises(PrepareDataError, match=re.escape(needle)):
         prepare_data(tmp_path / "out", [sample_text], dataclasses.replace(SMALL, **change), verbose=False)
     assert os.listdir(tmp_path) == [] and _hashes(sample_text) == inputs
+
+
+def test_every_output_file_repeats_byte_for_byte(tmp_path, sample_text, monkeypatch):
+    """The same input gives the same bytes in every file, whatever the folder and the machine's
+    core count: SentencePiece's thread count is fixed, and the .model records no temporary path
+    (docs/reproducibility.md)."""
+    import megatron_moe_ext.training.data as data_mod
+
+    cfg = SMALL
+    digests = []
+    for folder, cores in (("a", 1), ("deeper/b", 8)):
+        monkeypatch.setattr(data_mod.os, "cpu_count", lambda c=cores: c)
+        out = prepare_data(tmp_path / folder, [sample_text], cfg, verbose=False)
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(Path(out.output_dir).iterdir()) if p.name != "manifest.json"})
+    assert digests[0] == digests[1] and "tokenizer.model" in digests[0]
+    assert str(tmp_path).encode() not in (tmp_path / "a" / "tokenizer.model").read_bytes()

@@ -38,6 +38,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skew", type=float, default=0.0, help="std of per-expert logit offsets")
     p.add_argument("--trace", help="routing trace file or folder instead of synthetic logits")
+    p.add_argument("--router-num-groups", type=int, default=None, metavar="G",
+                   help="Megatron's group-limited routing (--moe-router-num-groups) for --policy topk: "
+                        "experts in G contiguous groups (devices)")
+    p.add_argument("--router-group-topk", type=int, default=None, metavar="K",
+                   help="groups a token may use (--moe-router-group-topk)")
     p.add_argument("--dedup", action="store_true",
                    help="count a rank-deduplicating dispatcher (one row per token and rank)")
     p.add_argument("--hidden", type=int, help="hidden size, to report bytes")
@@ -87,6 +92,9 @@ def run(ns: argparse.Namespace) -> int:
         options["plan"] = load_plan(options["plan"], num_experts=topo.num_experts,
                                     ep_size=topo.ep_size, topk=k)
     route = get_policy(ns.policy).offline_route()
+    groups = _group_limit(ns, topo, k)
+    if groups:
+        route = _group_limited_route(*groups)
     per_layer: Dict[str, Dict] = {}
     total = total_stock = None
     for layer, (logits, src, scoring, affinity) in layers.items():
@@ -113,6 +121,39 @@ def run(ns: argparse.Namespace) -> int:
     else:
         _print_table(out)
     return 0
+
+
+def _group_limit(ns, topo, k):
+    """(G, K) for Megatron's group-limited top-k, checked; None when not asked for."""
+    G, K = ns.router_num_groups, ns.router_group_topk
+    if G is None and K is None:
+        return None
+    if G is None or K is None:
+        raise UserError("--router-num-groups and --router-group-topk go together.")
+    if ns.policy != "topk":
+        raise UserError("--router-num-groups applies to --policy topk (Megatron's group-limited routing).")
+    if G < 1 or topo.num_experts % G or not 1 <= K <= G or k % K or k > K * (topo.num_experts // G):
+        raise UserError(f"--router-num-groups {G} --router-group-topk {K} do not fit {topo.num_experts} "
+                        f"experts and top-{k} (G must divide the experts, K divide k, K groups hold k).")
+    return G, K
+
+
+def _group_limited_route(G: int, K: int):
+    """Megatron's group_limited_topk on selection scores: a group's score is the sum of its top
+    k/K scores; a token keeps its K best groups and takes its top-k experts there."""
+    def route(scores, k, ctx):
+        import torch
+
+        from megatron_moe_ext.routing.policies.topk import indices_to_map
+
+        T, E = scores.shape
+        grouped = scores.view(T, G, E // G)
+        group_score = grouped.topk(k // K, dim=-1).values.sum(dim=-1)
+        keep = torch.zeros(T, G, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(K, dim=-1).indices, True)
+        masked = scores.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
+        return indices_to_map(masked.topk(k, dim=-1).indices, E)
+    return route
 
 
 def _figures(counts, stock_counts, ns) -> Dict:
@@ -159,9 +200,14 @@ def _load_inputs(ns):
         from megatron_moe_ext.files.trace import load_trace
 
         tr = load_trace(ns.trace)
-        for flag, given, have in (("--experts", ns.experts, tr.num_experts), ("--ep", ns.ep, tr.ep_size)):
-            if given is not None and given != have:
-                raise ValueError(f"{flag} {given} does not match the trace's {have} ({tr.files[0]}).")
+        if ns.experts is not None and ns.experts != tr.num_experts:
+            raise ValueError(f"--experts {ns.experts} does not match the trace's {tr.num_experts} ({tr.files[0]}).")
+        # An EP-1 trace (one GPU) can be read at any --ep: its tokens are split into --ep
+        # contiguous blocks, block r starting on rank r, as a data-parallel run would hold them.
+        reinterpret = ns.ep is not None and tr.ep_size == 1 and ns.ep != 1
+        if ns.ep is not None and ns.ep != tr.ep_size and not reinterpret:
+            raise ValueError(f"--ep {ns.ep} does not match the trace's {tr.ep_size} ({tr.files[0]}); "
+                             "only an EP-1 trace can be read at another --ep.")
         ranks = {int(r) for v in tr.src_ep_rank.values() for r in v.unique().tolist()}
         if Path(ns.trace).is_dir() and ranks != set(range(tr.ep_size)):
             missing = sorted(set(range(tr.ep_size)) - ranks)
@@ -169,9 +215,14 @@ def _load_inputs(ns):
                              f"{tr.ep_size}; record the trace on every rank or pass one rank's file.")
         E, ep, k = tr.num_experts, tr.ep_size, _positive("--topk", ns.topk, tr.topk)
         rpn = _positive("--ranks-per-node", ns.ranks_per_node, tr.ep_ranks_per_node)
-        layers = {layer: (tr.logits[layer], tr.src_ep_rank[layer], tr.scoring[layer], tr.affinity[layer])
+        src_of = {layer: tr.src_ep_rank[layer] for layer in tr.logits}
+        if reinterpret:
+            ep = ns.ep
+            rpn = _positive("--ranks-per-node", ns.ranks_per_node, ep)
+            src_of = {layer: torch.arange(len(lg)) * ep // len(lg) for layer, lg in tr.logits.items()}
+        layers = {layer: (tr.logits[layer], src_of[layer], tr.scoring[layer], tr.affinity[layer])
                   for layer in tr.logits}
-        source = f"trace:{ns.trace}"
+        source = f"trace:{ns.trace}" + (f" (EP 1 read at EP {ep})" if reinterpret else "")
     else:
         E, k, ep = _positive("--experts", ns.experts, 64), _positive("--topk", ns.topk, 4), \
             _positive("--ep", ns.ep, 8)

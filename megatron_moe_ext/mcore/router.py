@@ -230,6 +230,11 @@ class C2RRouter(PolicyRouter):
 
     policy = "c2r"
 
+    def topology(self, ranks_per_node: Optional[int] = None) -> EPTopology:
+        # partners follow the placement of --moe-c2r-layout-ep (default: the run's EP size)
+        ep = getattr(self, "layout_ep", self.ep_size)
+        return EPTopology(self.config.num_moe_experts, ep, ranks_per_node or ep)
+
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, ext_cfg=None) -> None:
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         from megatron_moe_ext.config import MoEExtConfig
@@ -237,12 +242,17 @@ class C2RRouter(PolicyRouter):
         from megatron_moe_ext.routing.policies.c2r import resolve_top_t
 
         self.ext_cfg = ext_cfg or MoEExtConfig(router_policy="c2r")
+        layout = self.ext_cfg.c2r_layout_ep
+        if layout is not None and (layout % self.ep_size or config.num_moe_experts % layout):
+            raise ValueError(f"--moe-c2r-layout-ep {layout} must be a multiple of the run's EP size "
+                             f"{self.ep_size} and divide --num-experts {config.num_moe_experts}.")
+        self.layout_ep = layout or self.ep_size
         self._plan = None
         if self.ext_cfg.c2r_plan:
             from megatron_moe_ext.files.plan import load_plan
 
             self._plan = load_plan(self.ext_cfg.c2r_plan, num_experts=config.num_moe_experts,
-                                   ep_size=self.ep_size, topk=self.topk)
+                                   ep_size=self.layout_ep, topk=self.topk)
         self.top_t = self._plan.top_t if self._plan else resolve_top_t(
             self.ext_cfg.c2r_top_t, self.topology(), self.topk)
         dev = self.weight.device

@@ -48,6 +48,7 @@ from megatron_moe_ext.errors import UserError
 
 SHIPPED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus_en.txt.gz"
 MANIFEST = "manifest.json"
+SENTENCEPIECE_THREADS = 4  # fixed, so that tokenizer.model is byte-identical on every machine
 SCHEMA = "megatron-moe-ext/prepared-data"
 SCHEMA_VERSION = 2  # 2: output files' sizes and sha256 in "files"; strict decoding ("encoding")
 SPLITS = ("train", "valid", "test")
@@ -420,7 +421,14 @@ def _build(out: Path, split_docs: dict, config: PrepareDataConfig, fingerprint: 
         raise PrepareDataError(f"--output-dir {out} cannot be written ({e}).") from None
     finally:
         if not done:
-            if tmp is not None:
+            if tmp is None:
+                # interrupted between mkdtemp creating the folder and `tmp` being set: find it
+                # by this process's owner prefix
+                prefix = f".{out.name}.partial-{_owner()}-"
+                for p in out.parent.iterdir() if out.parent.is_dir() else ():
+                    if p.name.startswith(prefix):
+                        shutil.rmtree(p, ignore_errors=True)
+            else:
                 shutil.rmtree(tmp, ignore_errors=True)
             for folder in reversed(made):
                 _rmdir_quietly(folder)
@@ -519,17 +527,25 @@ def _train_tokenizer(train_docs: List[str], model_prefix: Path, config: PrepareD
                     written += len(line)
             if written >= config.tokenizer_sample_chars:
                 break
+    # The .model file records the trainer's input and model_prefix strings: relative names (the
+    # trainer runs in the partial folder), so that the temporary folder's name (host, PID, random
+    # suffix) is not in it and the tokenizer's bytes repeat from run to run and machine to machine.
+    cwd = os.getcwd()
     try:
+        os.chdir(model_prefix.parent)
         spm.SentencePieceTrainer.train(
-            input=str(sample), model_prefix=str(model_prefix), vocab_size=config.vocab_size,
+            input=sample.name, model_prefix=model_prefix.name, vocab_size=config.vocab_size,
             model_type="bpe", character_coverage=1.0, byte_fallback=True,
             # ids: 0 pad, 1 <s>, 2 </s> (Megatron's end-of-document), 3 <unk>
             pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-            split_digits=True, num_threads=max(1, min(4, os.cpu_count() or 1)),
+            # A fixed thread count, not the machine's: the pieces do not depend on it (checked
+            # with 1, 2 and 4 threads, docs/reproducibility.md), but the .model file records it.
+            split_digits=True, num_threads=SENTENCEPIECE_THREADS,
             minloglevel=2)
     except RuntimeError as e:
         raise _tokenizer_error(str(e), config.vocab_size) from None
     finally:
+        os.chdir(cwd)
         sample.unlink()
     return model_prefix.with_suffix(".model")
 

@@ -57,8 +57,13 @@ def run_with_progress(cmd: List[str], log_path: Path, total: int) -> int:
     """Run `cmd`, keep its whole output in `log_path`, show a progress bar and the key lines."""
     from tqdm import tqdm
 
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    # One thread per rank, always: the thread count changes how reductions are split and so the
+    # losses' last bits (docs/reproducibility.md), and many environments set OMP_NUM_THREADS.
+    given = os.environ.get("OMP_NUM_THREADS")
+    if given not in (None, "1"):
+        print(f"[quickstart] OMP_NUM_THREADS={given} is overridden with 1 so that the losses repeat "
+              "(docs/reproducibility.md)", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log, tqdm(total=total, desc="training", unit="it",
                                           file=sys.stdout, dynamic_ncols=True) as bar:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

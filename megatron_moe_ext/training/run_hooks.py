@@ -47,10 +47,16 @@ def install_run_hooks(model_cfg: Any, ext_cfg: MoEExtConfig) -> None:
 def _keep_model(model):
     ext_cfg = _STATE["ext_cfg"]
     _STATE["model"] = model
-    if ext_cfg.ext_metrics or ext_cfg.save_routing_trace or ext_cfg.profile_collaboration:
+    from megatron.core.utils import get_attr_wrapped_model
+
+    # A dense model (no --num-experts) has no routing to record; its losses still go to the run log.
+    has_moe = bool(getattr(get_attr_wrapped_model(model[0], "config"), "num_moe_experts", None))
+    if has_moe and (ext_cfg.ext_metrics or ext_cfg.save_routing_trace or ext_cfg.profile_collaboration):
         from megatron_moe_ext.mcore.metrics_hook import MoEMetricsRecorder
 
         _STATE["recorder"] = MoEMetricsRecorder.from_config(model, ext_cfg)
+    elif not has_moe:
+        _STATE["recorder"] = None
     return model
 
 
