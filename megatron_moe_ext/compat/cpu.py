@@ -26,6 +26,7 @@ What it does:
 from __future__ import annotations
 
 import functools
+import os
 import types
 from typing import Any
 
@@ -65,6 +66,9 @@ def enable_cpu_compat() -> None:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.disable = True
+    # Megatron asserts this with TP > 1 (it orders CUDA kernel launches for TP communication
+    # overlap); there is no CUDA device here, so the value only satisfies the check.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _patch_torch_cuda()
     _patch_all_to_all_splits()
     _DeviceToCpuMode().__enter__()  # stays pushed for the life of the process
