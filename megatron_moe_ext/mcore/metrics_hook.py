@@ -65,10 +65,11 @@ class MoEMetricsRecorder:
         # one tensor of the same shape.
         self.num_layers = cfg.num_layers + (getattr(cfg, "mtp_num_layers", None) or 0)
         # The model's own process groups (not parallel_state's globals): EP ranks are
-        # tensor-parallel-strided GPUs, so a node holds gpus_per_node / TP of them.
+        # expert-tensor-parallel-strided GPUs, so a node holds gpus_per_node / ETP of them.
         pg = get_attr_wrapped_model(model[0], "pg_collection")
         self.ep_size, self.ep_rank = get_pg_size(pg.ep), get_pg_rank(pg.ep)
-        self.topology = EPTopology.from_gpus(self.num_experts, self.ep_size, gpus_per_node, get_pg_size(pg.tp))
+        self.topology = EPTopology.from_gpus(self.num_experts, self.ep_size, gpus_per_node,
+                                             get_pg_size(pg.expt_tp))
         self.ep_ranks_per_node = self.topology.ranks_per_node
         device = next(model[0].parameters()).device
         self._sums = torch.zeros(self.num_layers + 1, NUM_FIELDS + self.num_experts,
