@@ -129,3 +129,16 @@ def test_megatron_still_refuses_moe_tp_without_sequence_parallel(tmp_path):
                         "--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
                         "--expert-model-parallel-size", "1", nproc=2, train_iters=1, expect_rc=1)
     assert "without also enabling sequence parallelism" in proc.stdout + proc.stderr
+
+
+def test_replicated_tp_tokens_are_counted_once(tmp_path):
+    """Without sequence parallelism (evaluation only: Megatron refuses to train so) both TP ranks
+    route the same tokens; the recorder counts them on TP rank 0 only. Validation and test of a
+    4 x 32-token global batch each: 256 tokens in the collaboration profile (512 when every TP
+    rank counted, as before the fix)."""
+    prof = tmp_path / "prof"
+    pretrain_cpu(tmp_path, tmp_path / "ckpt", tmp_path / "log.jsonl", *SMALL[:4],
+                 "--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+                 "--expert-model-parallel-size", "1", "--skip-train", "--eval-iters", "1",
+                 "--moe-profile-collaboration", str(prof), nproc=2, train_iters=1)
+    assert json.loads((prof / "profile.json").read_text())["tokens"] == 2 * 4 * 32
