@@ -38,7 +38,8 @@ POLICIES = {
     "locmoe": ("--moe-router-policy", "locmoe", "--moe-locmoe-mu", "1.0"),
     "scmoe-pos1": SCMOE_POS1,
 }
-# Saved at TP 2 after iteration 3 and resumed at TP 1 (Megatron's distributed checkpoint reshards).
+# Saved at TP 2 after iteration 3 and resumed at TP 1 (Megatron's distributed checkpoint reshards);
+# topk also from expert TP 2.
 RESUMED = {"c2r-dedup", "scmoe-pos1"}
 # Counts that do not depend on which EP rank a token starts on (remote rows do: at TP 2 a
 # replica's second sequence half starts on EP rank 1).
@@ -52,7 +53,9 @@ def _run(tmp: Path, name: str, *flags: str, nproc: int, iters: int = 5, save_int
     return log
 
 
-def _assert_losses_agree(got: dict, want: dict, iterations) -> None:
+def _assert_losses_agree(got: dict, want: dict, iterations, label: str = "") -> None:
+    for it in iterations:  # the table docs/parallelism.md shows (pytest -s prints it)
+        print(f"| {label} | {it} | {got[it]:.7f} | {want[it]:.7f} | {abs(got[it] - want[it]):.1e} |")
     for it in iterations:
         assert got[it] == pytest.approx(want[it], rel=REL), (it, got, want)
 
@@ -68,7 +71,7 @@ def test_tp2_ep2_matches_tp1_ep2(tmp_path, name):
     tp1_log = _run(tmp_path, "tp1", *flags, *trace1, nproc=2)
     tp2, tp1 = train_losses(tp2_log), train_losses(tp1_log)
     assert sorted(tp2) == sorted(tp1) == [1, 2, 3, 4, 5]
-    _assert_losses_agree(tp2, tp1, range(1, 6))
+    _assert_losses_agree(tp2, tp1, range(1, 6), f"{name}: TP2xEP2 vs TP1xEP2")
 
     # The metrics count each token once (each TP rank routes its own sequence shard): the same
     # tokens, rows and per-expert loads as at TP 1.
@@ -87,16 +90,30 @@ def test_tp2_ep2_matches_tp1_ep2(tmp_path, name):
         _assert_traces_hold_the_same_tokens(tmp_path / "trace2", tmp_path / "trace1")
 
     if name in RESUMED:
-        resume = tmp_path / "resume"
-        resume.mkdir()
-        shutil.copytree(tmp_path / "tp2" / "iter_0000003", resume / "iter_0000003")
-        (resume / "latest_checkpointed_iteration.txt").write_text("3")
-        log = tmp_path / "resume.jsonl"
-        pretrain_cpu(tmp_path, resume, log, *SMALL, *flags, "--save-interval", "100",
-                     nproc=2, train_iters=5)
-        resumed = train_losses(log)
-        assert sorted(resumed) == [4, 5]
-        _assert_losses_agree(resumed, tp2, (4, 5))
+        resumed = _resume_at_tp1(tmp_path, tmp_path / "tp2", flags)
+        _assert_losses_agree(resumed, tp2, (4, 5), f"{name}: TP1xEP2 resumed from TP2 iter 3 vs TP2")
+    if name == "topk":
+        # Expert TP 2 with Megatron's own experts (SequentialMLP) and alltoall dispatcher: the
+        # expert mesh is ETP 2 x EP 2 (expert-DP 1), each expert's fc1/fc2 split over two ranks.
+        etp2_log = _run(tmp_path, "etp2", *TP2[:-1], "2", nproc=4, save_interval=3)
+        etp2 = train_losses(etp2_log)
+        _assert_losses_agree(etp2, tp1, range(1, 6), "topk: TP2xETP2xEP2 vs TP1xEP2")
+        resumed = _resume_at_tp1(tmp_path, tmp_path / "etp2", flags)
+        _assert_losses_agree(resumed, etp2, (4, 5), "topk: TP1xEP2 resumed from TP2xETP2 iter 3 vs TP2xETP2")
+
+
+def _resume_at_tp1(tmp_path: Path, saved: Path, flags) -> dict:
+    """Resume at TP 1 x EP 2 from `saved`'s iteration-3 checkpoint alone; iterations 4-5."""
+    resume = tmp_path / f"resume_{saved.name}"
+    resume.mkdir()
+    shutil.copytree(saved / "iter_0000003", resume / "iter_0000003")
+    (resume / "latest_checkpointed_iteration.txt").write_text("3")
+    log = tmp_path / f"resume_{saved.name}.jsonl"
+    pretrain_cpu(tmp_path, resume, log, *SMALL, *flags, "--save-interval", "100",
+                 nproc=2, train_iters=5)
+    resumed = train_losses(log)
+    assert sorted(resumed) == [4, 5]
+    return resumed
 
 
 def _assert_traces_hold_the_same_tokens(tp2_dir: Path, tp1_dir: Path) -> None:
@@ -119,7 +136,7 @@ def test_tp2_pp2_matches_tp1_pp2(tmp_path):
     tp2 = train_losses(_run(tmp_path, "tp2", *TP2, *pp, nproc=4))
     tp1 = train_losses(_run(tmp_path, "tp1", *pp, nproc=2))
     assert sorted(tp2) == sorted(tp1) == [1, 2, 3, 4, 5]
-    _assert_losses_agree(tp2, tp1, range(1, 6))
+    _assert_losses_agree(tp2, tp1, range(1, 6), "topk: TP2xPP2 vs TP1xPP2")
 
 
 def test_megatron_still_refuses_moe_tp_without_sequence_parallel(tmp_path):
