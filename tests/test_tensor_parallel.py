@@ -11,10 +11,10 @@ TP 1's gradient (one replica of each expert, tokens of both DP ranks, scaled by 
 
 Tolerance: relative 1e-5 on the LM loss (about 6e-5 absolute). The runs differ only in the order
 of fp32 sums (row-parallel partial products all-reduced over TP, norm and router gradients
-summed over the TP shards), which is ~1e-7 relative per operation; on this machine the losses came
-out bit-equal. The bound is still 20x below what a real TP bug looked like: LocMoE's locality KL
-over each TP shard instead of the micro-batch (before it was pooled) moved iteration 2 by 1e-4
-and iteration 5 by 2e-3.
+summed over the TP shards), which is ~1e-7 relative per operation; on this machine the losses
+differed by at most 9.5e-7 (1.6e-7 relative), most iterations bit-equal. A real TP bug fails
+it: LocMoE's locality KL over each TP shard instead of the micro-batch (before it was pooled)
+moved iteration 2 by 1e-4 (1.6e-5 relative) and iteration 5 by 2e-3.
 """
 
 import json
