@@ -11,8 +11,8 @@ gradients equal the stock dispatcher's up to float rounding (tests/test_dedup_di
 Supported: any router (it reads only probs and routing_map), token dropping with a capacity
 factor. Not supported (`dedup_problem`, checked at argument parsing and again at construction):
 another dispatcher type, expert tensor parallelism > 1 (attention TP > 1 with expert TP 1 is
-supported: each TP rank routes its own sequence-parallel shard), padding to capacity, router padding for
-quantization, shared-expert overlap, the inference-optimized transformer implementation (its MoE
+supported: each TP rank routes its own sequence-parallel shard), padding to capacity, router
+padding for quantization, shared-expert overlap, the inference-optimized transformer implementation (its MoE
 layer is not a MoELayer the spec can swap).
 """
 

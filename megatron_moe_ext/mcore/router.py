@@ -462,7 +462,6 @@ class LocMoERouter(PolicyRouter):
         return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
                                                        self.tp_cp_group)
 
-
     def _pool_over_tp_shards(self):
         """Under sequence parallelism each TP (x CP) rank routes a shard of the micro-batch; D_c is
         the whole micro-batch's, as at TP 1 (Megatron pools its balance-loss counts over the same
