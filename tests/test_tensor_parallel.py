@@ -64,7 +64,9 @@ def _assert_losses_agree(got: dict, want: dict, iterations, label: str = "") -> 
 def test_tp2_ep2_matches_tp1_ep2(tmp_path, name):
     flags = POLICIES[name]
     trace = name == "c2r-dedup"
-    trace2 = ("--save-routing-trace", str(tmp_path / "trace2")) if trace else ()
+    # C2R's run also pins two GPUs per node: with expert TP 1 the TP pair {0,1} is EP ranks 0 and
+    # 1 on one node, so no row is inter-node (counting EP ranks TP-strided said every remote row was)
+    trace2 = ("--save-routing-trace", str(tmp_path / "trace2"), "--moe-ranks-per-node", "2") if trace else ()
     trace1 = ("--save-routing-trace", str(tmp_path / "trace1")) if trace else ()
     tp2_log = _run(tmp_path, "tp2", *TP2, *flags, *trace2, nproc=4,
                    save_interval=3 if name in RESUMED else 100)
@@ -86,6 +88,8 @@ def test_tp2_ep2_matches_tp1_ep2(tmp_path, name):
             assert r2[key] == pytest.approx(r1[key], rel=1e-9)
     if name == "c2r-dedup":
         assert all(r["moe_ext/rows_per_token"] == 1.0 for r in rows2)  # one rank per token
+        assert all(r["moe_ext/remote_rows_per_token"] > 0 for r in rows2)
+        assert all(r["moe_ext/inter_node_rows_per_token"] == 0.0 for r in rows2)
     if trace:
         _assert_traces_hold_the_same_tokens(tmp_path / "trace2", tmp_path / "trace1")
 
