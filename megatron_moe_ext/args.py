@@ -239,11 +239,20 @@ def _check_locmoe(cfg: MoEExtConfig, a: Any, num_experts: int, ep: int, rpn: int
         raise MoEExtConfigError(
             "--moe-locmoe-capacity bound drops tokens through Megatron's capacity path, which "
             "needs --moe-expert-capacity-factor (the upper clamp, for example 1.25).")
+    tp_cp = (getattr(a, "tensor_model_parallel_size", 1) or 1) * (getattr(a, "context_parallel_size", 1) or 1)
+    if cfg.locmoe_mu > 0 and tp_cp > 1 and rpn % tp_cp:
+        raise MoEExtConfigError(
+            f"--moe-router-policy {cfg.router_policy} pools its locality statistics over the "
+            f"{tp_cp} tensor/context-parallel ranks of a micro-batch, which must share a node, but "
+            f"--moe-ranks-per-node {rpn} is not a multiple of --tensor-model-parallel-size x "
+            f"--context-parallel-size {tp_cp}.")
     hidden = getattr(a, "hidden_size", None)
     if hidden is not None and hidden % num_experts:
         raise MoEExtConfigError(
             f"--moe-router-policy locmoe starts its gate from GrAP, which needs --hidden-size "
             f"{hidden} divisible by --num-experts {num_experts}.")
-    if rpn >= ep * max(1, getattr(a, "tensor_model_parallel_size", 1) or 1) and cfg.locmoe_mu > 0:
+    # EP ranks are expert-TP-strided GPUs (routing/topology.EPTopology.from_gpus)
+    etp = getattr(a, "expert_tensor_parallel_size", None) or 1
+    if rpn >= ep * etp and cfg.locmoe_mu > 0:
         warnings.warn("--moe-router-policy locmoe: all EP ranks share one node (--moe-ranks-per-node), "
                       "so every expert is local and the locality loss is constant.")

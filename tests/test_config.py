@@ -38,6 +38,14 @@ def test_defaults_round_trip_from_flags():
     (["--moe-router-policy", "c2r", "--moe-c2r-plan", "/nonexistent/plan.json"], {}, "--moe-c2r-plan"),
     (["--moe-dedup-dispatch"], {"moe_token_dispatcher_type": "allgather"}, "--moe-dedup-dispatch"),
     (["--moe-dedup-dispatch"], {"expert_tensor_parallel_size": 2}, "--expert-tensor-parallel-size"),
+    # Megatron defaults expert TP to TP: the sentence says to set it to 1
+    (["--moe-dedup-dispatch"], {"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 2},
+     "--expert-tensor-parallel-size 1"),
+    (["--moe-expert-backend", "torch"], {"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 2,
+                                         "add_bias_linear": False}, "--expert-tensor-parallel-size 1"),
+    # LocMoE pools D_c over a micro-batch's TP shards, which must share a node (one D_l)
+    (["--moe-router-policy", "locmoe", "--moe-ranks-per-node", "1"],
+     {"tensor_model_parallel_size": 2, "world_size": 4}, "--moe-ranks-per-node"),
     (["--moe-dedup-dispatch"], {"moe_shared_expert_overlap": True}, "--moe-shared-expert-overlap"),
     (["--moe-locmoe-mu", "0.1"], {}, "--moe-locmoe-mu"),
     (["--moe-router-policy", "locmoe", "--moe-locmoe-mu", "-1"], {}, "--moe-locmoe-mu"),

@@ -359,3 +359,13 @@ def test_offline_locmoe_policy_picks_what_the_biased_router_picks(megatron_cpu):
         assert torch.equal(indices_to_map(online, 8), offline[rows])
     unbiased = locmoe_policy(logits, 2, 0.0)
     assert (offline != unbiased).any()
+
+
+def test_ep_ranks_per_node_follow_expert_tp_not_attention_tp():
+    """Megatron's expert mesh orders ranks expert-TP fastest, then EP: with 4 GPUs per node,
+    expert TP 1 puts 4 EP ranks on a node (whatever the attention TP), expert TP 2 puts 2."""
+    from megatron_moe_ext.routing.topology import EPTopology
+
+    assert EPTopology.from_gpus(8, 8, 4, expert_tp_size=1).ranks_per_node == 4
+    assert EPTopology.from_gpus(8, 8, 4, expert_tp_size=2).ranks_per_node == 2
+    assert EPTopology.from_gpus(8, 2, 1, expert_tp_size=2).ranks_per_node == 1

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_moe_ext.compat import megatron_0_19 as registry
 
@@ -163,3 +164,25 @@ def test_without_triton_the_cpu_layer_stubs_paged_stash_and_revert_removes_the_s
     proc = subprocess.run([sys.executable, "-c", STUB_CHECK], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_cpu_torch_norm_builds_under_sequence_parallelism_with_marked_parameters(megatron_cpu):
+    """Without TE or apex the local spec's norm refuses sequence parallelism; under the CPU layer
+    it builds, and its parameters carry `sequence_parallel` so that `finalize_model_grads` sums
+    their gradients over the TP group. Without sequence parallelism nothing is marked."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    cfg = megatron_cpu.moe_config(normalization="RMSNorm")
+    plain = WrappedTorchNorm(cfg, cfg.hidden_size)
+    assert not any(hasattr(p, "sequence_parallel") for p in plain.parameters())
+    cfg.sequence_parallel = True  # as at TP > 1 (this process has TP 1, which the config refuses)
+    norm = WrappedTorchNorm(cfg, cfg.hidden_size, eps=1e-6)
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-6
+    assert [getattr(p, "sequence_parallel", None) for p in norm.parameters()] == [True]
+    assert cfg.sequence_parallel  # the caller's config is untouched
+    registry.patch_named("cpu-sequence-parallel-torch-norm").revert()
+    try:
+        with pytest.raises(AssertionError, match="sequence parallel not supported"):
+            WrappedTorchNorm(cfg, cfg.hidden_size)
+    finally:
+        registry.apply_patches("cpu")

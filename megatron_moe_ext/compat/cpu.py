@@ -18,6 +18,7 @@ What it does:
     CPU: `megatron.training`, the optimizer and DDP do this about a hundred times.
   * torch.compile disabled (Megatron's `jit_fuser` helpers then run eagerly);
   * the all-to-all split sizes turned into lists (the dispatcher leaves them tensors on CPU);
+  * list all-gather and reduce-scatter of unequal row counts (expert TP > 1), which gloo lacks;
   * the patches on Megatron itself, scopes "cpu" and "always" of `compat/megatron_0_19.py` (the
     triton-only paged-stash module, CPU RNG state for recomputation and checkpoints, JIT fusion
     options, `initialize_megatron(allow_no_cuda=True)`, the wheel's `compile_helpers`, ...).
@@ -26,6 +27,7 @@ What it does:
 from __future__ import annotations
 
 import functools
+import os
 import types
 from typing import Any
 
@@ -65,8 +67,12 @@ def enable_cpu_compat() -> None:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.disable = True
+    # Megatron asserts this with TP > 1 (it orders CUDA kernel launches for TP communication
+    # overlap); there is no CUDA device here, so the value only satisfies the check.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _patch_torch_cuda()
     _patch_all_to_all_splits()
+    _patch_uneven_collectives()
     _DeviceToCpuMode().__enter__()  # stays pushed for the life of the process
     _ENABLED = True
     _patch_megatron_modules()  # imports megatron, so after the torch.cuda stand-ins
@@ -166,6 +172,47 @@ def _patch_all_to_all_splits() -> None:
 
     all_to_all_single._moe_ext_wrapped = True
     dist.all_to_all_single = all_to_all_single
+
+
+def _patch_uneven_collectives() -> None:
+    """Megatron's expert-TP path (alltoall dispatcher with --expert-tensor-parallel-size > 1)
+    all-gathers and reduce-scatters rows of unequal counts per rank, as lists of tensors; NCCL
+    takes those, gloo does not. Same results: pad to the largest, gather, copy back; all-reduce
+    the whole and keep this rank's part."""
+    dist = torch.distributed
+    all_gather, reduce_scatter = dist.all_gather, dist.reduce_scatter
+    if getattr(all_gather, "_moe_ext_wrapped", False):
+        return
+
+    @functools.wraps(all_gather)
+    def all_gather_uneven(tensor_list, tensor, group=None, async_op=False):
+        shapes = {tuple(t.shape) for t in tensor_list}
+        if async_op or (len(shapes) == 1 and tuple(tensor.shape) in shapes):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        out = [torch.empty_like(padded) for _ in tensor_list]
+        all_gather(out, padded, group=group)
+        for dst, src in zip(tensor_list, out):
+            dst.copy_(src[: dst.shape[0]])
+        return None
+
+    @functools.wraps(reduce_scatter)
+    def reduce_scatter_uneven(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if async_op:
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        # gloo has no list reduce-scatter at all: all-reduce and slice, equal sizes or not
+        whole = torch.cat([t.reshape(t.shape[0], -1) for t in input_list])
+        dist.all_reduce(whole, op=op, group=group)
+        rank = dist.get_rank(group)
+        start = sum(t.shape[0] for t in input_list[:rank])
+        output.copy_(whole[start: start + output.shape[0]].reshape(output.shape))
+        return None
+
+    all_gather_uneven._moe_ext_wrapped = True
+    dist.all_gather = all_gather_uneven
+    dist.reduce_scatter = reduce_scatter_uneven
 
 
 # --------------------------------------------------------------------------------------------

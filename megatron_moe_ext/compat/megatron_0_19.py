@@ -22,6 +22,7 @@ the two equal).
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import importlib.util
@@ -224,6 +225,26 @@ def _placeholder_inference_rng_state(original: Callable) -> Callable:
     return get_states
 
 
+def _sequence_parallel_torch_norm(original: Callable) -> Callable:
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, *args: Any, **kwargs: Any):
+        """`WrappedTorchNorm` that also builds under sequence parallelism, as TENorm and apex's
+        FusedLayerNorm do: each TP rank normalises its own sequence shard, so the weight's
+        gradient is a partial sum, and the `sequence_parallel` attribute makes
+        `finalize_model_grads` all-reduce it over the TP group."""
+        if not getattr(config, "sequence_parallel", False):
+            return original(cls, config, hidden_size, eps, *args, **kwargs)
+        # A shallow copy with the flag off passes Megatron's own assertion; the norm keeps no
+        # reference to the config, and copying skips TransformerConfig's __post_init__.
+        local = copy.copy(config)
+        local.sequence_parallel = False
+        norm = original(cls, local, hidden_size, eps, *args, **kwargs)
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", True)
+        return norm
+
+    return __new__
+
+
 # --------------------------------------------------------------------------------------------
 # the registry
 
@@ -307,6 +328,17 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         replace=_allow_no_cuda,
         aliases=("megatron.training.training:initialize_megatron",),
         needed=_training_importable,
+    ),
+    MegatronPatch(
+        name="cpu-sequence-parallel-torch-norm",
+        target="megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__",
+        reason="Without TE or apex the local spec's norm is `WrappedTorchNorm`, which asserts "
+               "`not sequence_parallel`, and Megatron needs sequence parallelism for MoE with "
+               "TP > 1; on CPU the torch norm is built anyway and its parameters are marked "
+               "`sequence_parallel`, so their gradients are all-reduced over the TP group as "
+               "TENorm's and FusedLayerNorm's are.",
+        scope="cpu",
+        replace=_sequence_parallel_torch_norm,
     ),
     MegatronPatch(
         name="run-hook-train-step",

@@ -34,9 +34,12 @@ def expert_backend_problem(backend: str, settings) -> Optional[str]:
     if backend == "torch":
         if get("add_bias_linear", False):
             return f"{flag} has no expert biases; add --disable-bias-linear."
-        if get("expert_tensor_parallel_size") not in (None, 1):
-            return (f"{flag} does not shard experts over tensor-parallel ranks; set "
-                    "--expert-tensor-parallel-size 1.")
+        etp = get("expert_tensor_parallel_size")
+        if etp not in (None, 1):
+            return (f"{flag} keeps whole experts on each rank and does not shard fc1/fc2 over "
+                    f"--expert-tensor-parallel-size {etp} ranks; set --expert-tensor-parallel-size 1 "
+                    "(Megatron defaults it to --tensor-model-parallel-size), which keeps attention TP, "
+                    "or use --moe-expert-backend sequential.")
         if get("delay_wgrad_compute"):
             return (f"{flag} computes its weight gradients inside its backward, while "
                     "--delay-wgrad-compute defers Transformer Engine's; drop --delay-wgrad-compute or "

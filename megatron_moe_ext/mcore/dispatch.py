@@ -10,8 +10,9 @@ gradients equal the stock dispatcher's up to float rounding (tests/test_dedup_di
 
 Supported: any router (it reads only probs and routing_map), token dropping with a capacity
 factor. Not supported (`dedup_problem`, checked at argument parsing and again at construction):
-another dispatcher type, expert tensor parallelism > 1, padding to capacity, router padding for
-quantization, shared-expert overlap, the inference-optimized transformer implementation (its MoE
+another dispatcher type, expert tensor parallelism > 1 (attention TP > 1 with expert TP 1 is
+supported: each TP rank routes its own sequence-parallel shard), padding to capacity, router
+padding for quantization, shared-expert overlap, the inference-optimized transformer implementation (its MoE
 layer is not a MoELayer the spec can swap).
 """
 
@@ -42,8 +43,13 @@ def dedup_problem(settings) -> Optional[str]:
     if get("transformer_impl") == "inference_optimized":
         return ("--moe-dedup-dispatch does not apply to --transformer-impl inference_optimized, whose "
                 "MoE layer keeps its own dispatcher; use transformer_engine or local.")
-    for bad, flag in ((get("expert_tensor_parallel_size") not in (None, 1), "--expert-tensor-parallel-size > 1"),
-                      (get("moe_pad_expert_input_to_capacity"), "--moe-pad-expert-input-to-capacity"),
+    etp = get("expert_tensor_parallel_size")
+    if etp not in (None, 1):
+        return (f"--moe-dedup-dispatch sends a token once per EP rank, but --expert-tensor-parallel-size "
+                f"{etp} shards each expert over {etp} ranks that all need the row, which this "
+                "dispatcher does not do; set --expert-tensor-parallel-size 1 (Megatron defaults it to "
+                "--tensor-model-parallel-size), which keeps attention TP.")
+    for bad, flag in ((get("moe_pad_expert_input_to_capacity"), "--moe-pad-expert-input-to-capacity"),
                       (get("moe_router_padding_for_quantization"), "--moe-router-padding-for-quantization"),
                       (get("moe_shared_expert_overlap"), "--moe-shared-expert-overlap")):
         if bad:

@@ -65,10 +65,16 @@ class MoEMetricsRecorder:
         # one tensor of the same shape.
         self.num_layers = cfg.num_layers + (getattr(cfg, "mtp_num_layers", None) or 0)
         # The model's own process groups (not parallel_state's globals): EP ranks are
-        # tensor-parallel-strided GPUs, so a node holds gpus_per_node / TP of them.
+        # expert-tensor-parallel-strided GPUs, so a node holds gpus_per_node / ETP of them.
         pg = get_attr_wrapped_model(model[0], "pg_collection")
         self.ep_size, self.ep_rank = get_pg_size(pg.ep), get_pg_rank(pg.ep)
-        self.topology = EPTopology.from_gpus(self.num_experts, self.ep_size, gpus_per_node, get_pg_size(pg.tp))
+        self.topology = EPTopology.from_gpus(self.num_experts, self.ep_size, gpus_per_node,
+                                             get_pg_size(pg.expt_tp))
+        # Under sequence parallelism each TP rank routes its own shard of the sequence, so the
+        # sum over all ranks counts every token once. Without it (TP > 1 evaluation; Megatron
+        # refuses to train MoE so) the TP ranks route the same tokens: only TP rank 0 counts.
+        self.counts_tokens = (get_pg_size(pg.tp) == 1 or bool(cfg.sequence_parallel)
+                              or get_pg_rank(pg.tp) == 0)
         self.ep_ranks_per_node = self.topology.ranks_per_node
         device = next(model[0].parameters()).device
         self._sums = torch.zeros(self.num_layers + 1, NUM_FIELDS + self.num_experts,
@@ -95,6 +101,8 @@ class MoEMetricsRecorder:
     def _hook(self, router: TopKRouter, inputs, output) -> None:
         _, routing_map = output
         layer = router.layer_number or 0
+        if not self.counts_tokens:
+            return  # another TP rank counts (and traces) these replicated tokens
         if self._coact is not None:
             with torch.no_grad():
                 self._coact[layer] += coactivation_counts(routing_map)

@@ -18,6 +18,7 @@ checkpointing runs it twice) and evaluation see exactly what the first training 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -351,7 +352,7 @@ class LocMoERouter(PolicyRouter):
             self.weight.requires_grad_(False)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         topo = EPTopology.from_gpus(E, self.ep_size, self.ext_cfg.resolved_ranks_per_node(world),
-                                    get_pg_size(self.tp_group))
+                                    get_pg_size(getattr(pg_collection, "expt_tp", None)))
         dev = self.weight.device
         self.register_buffer("locality_mask", topo.node_local_mask(self.ep_rank).to(dev), persistent=False)
         self._stats = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=dev)
@@ -481,12 +482,24 @@ class LocMoERouter(PolicyRouter):
         valid = None if padding_mask is None else ~padding_mask
         if self._log_d_l.device != scores.device or self._log_d_l.dtype != scores.dtype:
             self._log_d_l = self._log_d_l.to(device=scores.device, dtype=scores.dtype)
-        kl = locality_kl(scores, self._log_d_l, valid=valid)
+        kl = locality_kl(scores, self._log_d_l, valid=valid, pool=self._pool_over_tp_shards())
         with torch.no_grad():
             self._stat("locality_kl_sum", kl.detach().double())
             self._stat("locality_kl_count", 1.0)
         return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
                                                        self.tp_cp_group)
+
+    def _pool_over_tp_shards(self):
+        """Under sequence parallelism each TP (x CP) rank routes a shard of the micro-batch; D_c is
+        the whole micro-batch's, as at TP 1 (Megatron pools its balance-loss counts over the same
+        group). Its ranks share a node (checked at parsing), hence one D_l."""
+        if get_pg_size(self.tp_cp_group) == 1:
+            return None
+        from megatron.core.tensor_parallel.mappings import (
+            reduce_from_tensor_model_parallel_region,
+        )
+
+        return functools.partial(reduce_from_tensor_model_parallel_region, group=self.tp_cp_group)
 
 
 class LocMoEPlusRouter(LocMoERouter):

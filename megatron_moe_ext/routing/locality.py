@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -51,16 +51,25 @@ def locality_loss(probs: torch.Tensor, local_mask: torch.Tensor, *, eps: float =
 
 
 def locality_kl(probs: torch.Tensor, log_d_l: torch.Tensor,
-                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                valid: Optional[torch.Tensor] = None,
+                pool: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """`locality_loss` with log D_l [E] computed once by the caller, in probs' float dtype and on
     its device (the router's hot path: no host synchronization, no boolean indexing, few ops).
-    Rows of probs sum to 1 (softmax or normalized scores), so their mean D_c does too."""
+    Rows of probs sum to 1 (softmax or normalized scores), so their mean D_c does too.
+
+    `pool` sums [score sums (E), token count] over the ranks that share this micro-batch's tokens
+    (sequence-parallel TP shards: forward all-reduce, backward identity), so D_c is the whole
+    micro-batch's, as at TP 1, and the sum over those ranks of each rank's gradient is TP 1's."""
     p = probs.float() if probs.dtype in (torch.float16, torch.bfloat16) else probs
     if valid is None:
-        d_c = p.mean(0)
+        sums, count = p.sum(0), p.new_full((1,), p.shape[0])
     else:
         w = valid.to(p.dtype).unsqueeze(-1)
-        d_c = (p * w).sum(0) / w.sum().clamp_min(1.0)
+        sums, count = (p * w).sum(0), w.sum().reshape(1)
+    if pool is not None:
+        pooled = pool(torch.cat([sums, count]))
+        sums, count = pooled[:-1], pooled[-1:].detach()
+    d_c = sums / count.clamp_min(1.0)
     return (d_c * (torch.log(d_c.clamp_min(1e-12)) - log_d_l)).sum()
 
 

@@ -28,10 +28,13 @@ class EPTopology:
             raise ValueError(f"ranks per node must be positive, got {self.ranks_per_node}.")
 
     @classmethod
-    def from_gpus(cls, num_experts: int, ep_size: int, gpus_per_node: int, tp_size: int = 1) -> "EPTopology":
-        """From GPUs per node: EP ranks are tensor-parallel-strided GPUs, so a node holds
-        gpus_per_node / tp of them (at least one)."""
-        return cls(num_experts, ep_size, max(1, gpus_per_node // max(1, tp_size)))
+    def from_gpus(cls, num_experts: int, ep_size: int, gpus_per_node: int,
+                  expert_tp_size: int = 1) -> "EPTopology":
+        """From GPUs per node. Megatron's expert mesh orders ranks expert-TP fastest, then EP
+        (then expert-DP, PP), so consecutive EP ranks are `expert_tp_size` GPUs apart, whatever
+        the attention TP: a node holds gpus_per_node / expert_tp_size of them (at least one).
+        With attention TP 2 and expert TP 1 the two TP ranks of a group are two EP ranks."""
+        return cls(num_experts, ep_size, max(1, gpus_per_node // max(1, expert_tp_size)))
 
     @property
     def experts_per_rank(self) -> int:

@@ -77,6 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         store=store,
     )
     finish_run()
+    _end_process_group()
     return 0
 
 
@@ -145,6 +146,17 @@ def print_help() -> int:
             action.help = re.sub(r"%(?!\()", "%%", action.help)
     parser.print_help()
     return 0
+
+
+def _end_process_group() -> None:
+    """End the default process group in step on every rank, as torch asks: left to interpreter
+    exit, a gloo rank tearing its group down while a peer still uses the connection sometimes
+    aborts ("terminate called without an active exception"; seen with --skip-train on CPU)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
