@@ -374,7 +374,7 @@ def resolve_data(args) -> dict:
     else:
         if not args.cpu:
             raise SystemExit("--data DIR (the prepared study corpus, docs/results-corpus.md) is required on GPU")
-        from megatron_moe_ext.training.data import prepare_data   # CPU smoke: the shipped corpus
+        from megatron_moe_ext.training.data import prepare_data  # CPU smoke: the shipped corpus
         root = prepare_data(os.path.join(args.out, "data"), verbose=False).output_dir
     names = {"tokenizer": "tokenizer.model", "train": "train_text_document",
              "valid": "valid_text_document", "test": "test_text_document"}

@@ -92,7 +92,6 @@ def check_with_megatron(cfg: MoEExtConfig, a: Any) -> None:
     from megatron_moe_ext.mcore.router import policy_router_problem
     from megatron_moe_ext.routing.topology import EPTopology
 
-    topology = EPTopology(num_experts, ep, ep)
     problems = []
     if cfg.router_policy != "topk" or cfg.scmoe == "dgmoe":  # a PolicyRouter will be built
         problems.append(policy_router_problem(a, cfg.router_policy))

@@ -35,7 +35,7 @@ import re
 import sys
 import tarfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 GCIDE_MEMBER = "usr/share/dictd/gcide.dict.dz"
 SOURCES_RE = re.compile(r".*/html/_sources/.*\.rst\.txt$")
