@@ -101,6 +101,7 @@ def _bad_values(tmp_path):
         "c2r_top_t": (c2r + ["--moe-c2r-top-t", "0"], {}),
         "c2r_plan": (c2r + ["--moe-c2r-plan", str(a_file)], {}),
         "c2r_warmup_steps": (c2r + ["--moe-c2r-warmup-steps", "-1"], {}),
+        "c2r_layout_ep": (c2r + ["--moe-c2r-layout-ep", "3"], {}),  # not a multiple of EP 2
         "profile_collaboration": (["--moe-profile-collaboration", str(a_file)], {}),
         "locmoe_mu": (loc + ["--moe-locmoe-mu", "nan"], {}),
         "locmoe_eps": (loc + ["--moe-locmoe-eps", "inf"], {}),
