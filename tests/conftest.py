@@ -25,6 +25,17 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> sub
     return proc
 
 
+def tree_hash(path: Path) -> str:
+    """sha256 over every file's relative path and bytes under `path` (inputs must stay untouched)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _free_port() -> int:
     import socket
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -10,18 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import tree_hash  # noqa: F401  (re-exported for the HF tests)
 
 DIST_DIR = Path(__file__).parent / "dist"
 REPO = Path(__file__).parent.parent
-
-
-def tree_hash(path: Path) -> str:
-    """sha256 over every file's relative path and bytes under `path`."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def _env():

@@ -2,7 +2,6 @@
 refusals are one sentence, last on stderr and before Megatron's argument dump, with no traceback;
 checkpoints carry their routing policy so a mismatch is named at start; inputs are not modified."""
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -10,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import pretrain_cpu, pretrain_cpu_cmd
+from conftest import pretrain_cpu, pretrain_cpu_cmd, tree_hash
 
 from megatron_moe_ext.cli import main
 
@@ -40,14 +39,6 @@ def _one_sentence_refusal(proc, *needles) -> str:
     for n in needles:
         assert n in last, last
     return last
-
-
-def _tree_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 # --- 9, 10, 11: the one-process entry ------------------------------------------------------------
@@ -105,7 +96,7 @@ def _entry_from(ckpt: Path, *extra) -> subprocess.CompletedProcess:
 
 @pytest.mark.dist
 def test_checkpoints_carry_their_routing_policy(topk_ckpt, tmp_path):
-    before = _tree_hash(topk_ckpt)
+    before = tree_hash(topk_ckpt)
     # C2R warm-up needs learned partners the top-k checkpoint does not have: named, not a KeyError
     proc = _entry_from(topk_ckpt, "--moe-router-policy", "c2r", "--moe-c2r-warmup-steps", "2")
     _one_sentence_refusal(proc, f"--load {topk_ckpt}", "C2R warm-up state", "topk", "--moe-c2r-plan")
@@ -116,7 +107,7 @@ def test_checkpoints_carry_their_routing_policy(topk_ckpt, tmp_path):
                         "--moe-router-policy", "c2r", "--override-opt_param-scheduler", train_iters=3)
     assert "trained with --moe-router-policy topk; this run continues its weights with c2r" in proc.stderr
     assert (c2r_ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    assert _tree_hash(topk_ckpt) == before, "the loaded checkpoint is not modified"
+    assert tree_hash(topk_ckpt) == before, "the loaded checkpoint is not modified"
 
     # a C2R checkpoint resumed without --moe-router-policy c2r: refused, unless --finetune
     proc = _entry_from(c2r_ckpt)
@@ -138,15 +129,15 @@ def test_apply_placement_refuses_a_truncated_shard_and_a_save_inside_load(topk_c
     shutil.copytree(topk_ckpt, broken)
     shard = max((broken / "iter_0000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    before, before_src = _tree_hash(broken), _tree_hash(topk_ckpt)
+    before, before_src = tree_hash(broken), tree_hash(topk_ckpt)
 
     rc = main(["apply-placement", "--load", str(broken), "--plan", str(plan), "--save", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "cannot be read" in err and "truncated" in err, err
-    assert not (tmp_path / "out").exists() and _tree_hash(broken) == before
+    assert not (tmp_path / "out").exists() and tree_hash(broken) == before
 
     rc = main(["apply-placement", "--load", str(topk_ckpt), "--plan", str(plan),
                "--save", str(topk_ckpt / "sub")])
     err = capsys.readouterr().err
     assert rc == 2 and "inside the input checkpoint" in err, err
-    assert _tree_hash(topk_ckpt) == before_src
+    assert tree_hash(topk_ckpt) == before_src

@@ -4,7 +4,6 @@ pretrain entry or a checkpoint are in tests/test_entry_hardening.py."""
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import subprocess
 import sys
@@ -41,14 +40,6 @@ def _cli(capsys, *argv):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return rc, err
-
-
-def _tree_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 # --- 4: output paths at parse time -------------------------------------------------------------
