@@ -478,8 +478,8 @@ def test_workflow_commands_pass_their_parsers(tmp_path):
                      "--output", str(work / "plan.json")]) == 0
     steps = _steps(dry_run(WORKFLOW, WORK_DIR=work, EP=8, NPROC=8))
     assert list(steps) == STEPS
-    # the CLI's own parsers; import-hf and export-hf join once their verbs exist (being written elsewhere)
-    for verb in ("plan-placement", "apply-placement"):
+    # the CLI's own parsers
+    for verb in ("import-hf", "plan-placement", "apply-placement", "export-hf"):
         build_parser().parse_args(steps[verb][1:])
     profile = steps["profile"]
     profile_flags = profile[profile.index("--") + 1:] + ["--skip-train", "--no-load-optim", "--no-load-rng"]
