@@ -370,12 +370,26 @@ def test_c2r_checkpoint_exported_as_plain_topk_when_asked(tmp_path, capsys):
 
 @pytest.mark.dist
 def test_pipeline_parallel_checkpoint_exports(tmp_path):
-    """PP=2 (each rank saves its own layer of the stacked tensors): the same reader, same logits.
-    (TP > 1 with MoE needs sequence parallelism, which the CPU layer's torch norms lack.)"""
+    """PP=2 (each rank saves its own layer of the stacked tensors): the same reader, same logits."""
     ckpt = tmp_path / "ckpt"
     extra = ["--qk-layernorm", "--group-query-attention", "--num-query-groups", "2",
              "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "1"]
     pretrain_cpu(tmp_path, ckpt, tmp_path / "log.jsonl", *extra, train_iters=5)
+    out = tmp_path / "hf"
+    assert main(["export-hf", "--load", str(ckpt), "--out", str(out), "--dtype", "fp32"]) == 0
+    r = megatron_vs_hf(tmp_path, TRAIN_FLAGS + extra[:4], ckpt / "iter_0000005", out)
+    assert r["hf_class"] == "Qwen3MoeForCausalLM" and r["rel_fro"] < 1e-4, r
+
+
+@pytest.mark.dist
+def test_tensor_parallel_checkpoint_exports(tmp_path):
+    """TP=2 with sequence parallelism x EP=2 on 4 ranks (each rank saves its shards of the
+    attention and dense tensors): torch_dist holds global tensors, so the same reader gives the
+    same logits."""
+    ckpt = tmp_path / "ckpt"
+    extra = ["--qk-layernorm", "--group-query-attention", "--num-query-groups", "2",
+             "--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1"]
+    pretrain_cpu(tmp_path, ckpt, tmp_path / "log.jsonl", *extra, train_iters=5, nproc=4)
     out = tmp_path / "hf"
     assert main(["export-hf", "--load", str(ckpt), "--out", str(out), "--dtype", "fp32"]) == 0
     r = megatron_vs_hf(tmp_path, TRAIN_FLAGS + extra[:4], ckpt / "iter_0000005", out)
