@@ -174,9 +174,15 @@ def _interrupt(argv, parent, sig):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "megatron_moe_ext.cli", "prepare-data", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
+    # generous: a fresh venv's first imports on a loaded 2-core machine can take minutes, and a
+    # signal during the imports would test Python's start-up, not prepare-data
+    deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline and set(os.listdir(parent)) == before:
         time.sleep(0.002)
+    if set(os.listdir(parent)) == before:
+        proc.kill()
+        pytest.fail(f"prepare-data wrote nothing in {parent} before it ended or 600 s passed: "
+                    f"{proc.communicate()[1][-2000:]}")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
