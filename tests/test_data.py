@@ -182,8 +182,11 @@ def _interrupt(argv, parent, sig):
     `parent` (the folder the output goes in), i.e. while it is writing; (exit code, stderr)."""
     before = set(os.listdir(parent))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # SIGINT as a terminal delivers it: a parent that ignores SIGINT (an ignored signal is
+    # inherited across exec) would otherwise keep Python from turning it into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "megatron_moe_ext.cli", "prepare-data", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # generous: a fresh venv's first imports on a loaded 2-core machine can take minutes, and a
     # signal during the imports would test Python's start-up, not prepare-data
     deadline = time.time() + 600
