@@ -36,16 +36,6 @@ def sample_text(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def long_text(tmp_path_factory):
-    """Enough text (3 MB) that a build lasts seconds: an interruption then lands while it
-    writes even when the test process is scheduled late on a loaded machine."""
-    text = gzip.open(SHIPPED_CORPUS, "rt", encoding="utf-8").read()[:3_000_000]
-    path = tmp_path_factory.mktemp("in_long") / "long.txt"
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
 def prepared(sample_text, tmp_path_factory):
     return prepare_data(tmp_path_factory.mktemp("out"), [sample_text], SMALL, verbose=False)
 
@@ -202,15 +192,15 @@ def _interrupt(argv, parent, sig):
 
 
 @pytest.mark.parametrize("replacing", [False, True], ids=["fresh", "replacing"])
-def test_interrupted_run_leaves_the_output_as_it_was(tmp_path, capsys, long_text, replacing):
+def test_interrupted_run_leaves_the_output_as_it_was(tmp_path, capsys, sample_text, replacing):
     """SIGINT while a build writes: no partial dataset anywhere, an earlier dataset intact, and the
     next run serves (or builds) a dataset that decodes; today's code wrote into the live folder."""
-    inputs = _hashes(long_text)
+    inputs = _hashes(sample_text)
     out = tmp_path / "out"
     if replacing:
-        assert _prepare(capsys, out, "--input", str(long_text), *SMALL_ARGS)[0] == 0
+        assert _prepare(capsys, out, "--input", str(sample_text), *SMALL_ARGS)[0] == 0
         before = _folder_hashes(out)
-    argv = ["--input", str(long_text), "--output-dir", str(out), *SMALL_ARGS]
+    argv = ["--input", str(sample_text), "--output-dir", str(out), *SMALL_ARGS]
     if replacing:  # a rebuild with other parameters, allowed to replace the dataset
         argv += ["--vocab-size", "420", "--overwrite"]
     rc, err = _interrupt(argv, tmp_path, signal.SIGINT)
@@ -222,28 +212,28 @@ def test_interrupted_run_leaves_the_output_as_it_was(tmp_path, capsys, long_text
     assert rc == 130 and "Traceback" not in err, err
     assert "interrupted" in _one_sentence(err.strip().splitlines()[-1])
     if replacing:
-        rc, _, err = _prepare(capsys, out, "--input", str(long_text), *SMALL_ARGS)
+        rc, _, err = _prepare(capsys, out, "--input", str(sample_text), *SMALL_ARGS)
         assert rc == 0 and err == "" and _folder_hashes(out) == before  # a verified cache hit
     else:
-        assert _prepare(capsys, out, "--input", str(long_text), *SMALL_ARGS)[0] == 0
-    _assert_round_trip(out, long_text.read_text())
-    assert _hashes(long_text) == inputs
+        assert _prepare(capsys, out, "--input", str(sample_text), *SMALL_ARGS)[0] == 0
+    _assert_round_trip(out, sample_text.read_text())
+    assert _hashes(sample_text) == inputs
 
 
-def test_killed_run_leaves_a_partial_folder_that_the_next_run_removes(tmp_path, capsys, long_text):
+def test_killed_run_leaves_a_partial_folder_that_the_next_run_removes(tmp_path, capsys, sample_text):
     """SIGKILL cannot be caught: the partial folder stays, beside the output and never read, until
     the next run (same host, the killed process gone) deletes it."""
-    inputs = _hashes(long_text)
+    inputs = _hashes(sample_text)
     out = tmp_path / "out"
-    rc, _ = _interrupt(["--input", str(long_text), "--output-dir", str(out), *SMALL_ARGS],
+    rc, _ = _interrupt(["--input", str(sample_text), "--output-dir", str(out), *SMALL_ARGS],
                        tmp_path, signal.SIGKILL)
     assert rc == -signal.SIGKILL
     left = os.listdir(tmp_path)
     assert not out.exists() and len(left) == 1 and left[0].startswith(".out.partial-")
-    assert _prepare(capsys, out, "--input", str(long_text), *SMALL_ARGS)[0] == 0
+    assert _prepare(capsys, out, "--input", str(sample_text), *SMALL_ARGS)[0] == 0
     assert os.listdir(tmp_path) == ["out"]
-    _assert_round_trip(out, long_text.read_text())
-    assert _hashes(long_text) == inputs
+    _assert_round_trip(out, sample_text.read_text())
+    assert _hashes(sample_text) == inputs
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip-byte", "delete", "version-1-manifest"])
