@@ -340,6 +340,64 @@ def run_one(name: str, seed: int, args, data: dict) -> dict:
     return result
 
 
+def _topk_checkpoint_ready(seed: int, args) -> bool:
+    """The top-k run of `seed` has finished saving its iteration-W checkpoint (Megatron writes
+    latest_checkpointed_iteration.txt after a save completes)."""
+    ckpt = os.path.join(args.out, "runs", f"topk_s{seed}", "ckpt")
+    try:
+        with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) as f:
+            latest = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    return latest >= warmup_iters(args) and os.path.isdir(os.path.join(ckpt, f"iter_{warmup_iters(args):07d}"))
+
+
+def _run_and_save(name: str, seed: int, args, data: dict) -> dict:
+    print(f"[quality_study] {name} seed {seed} ...", flush=True)
+    t0 = time.time()
+    r = run_one(name, seed, args, data)
+    r["concurrent_jobs"] = args.jobs
+    r["row_wall_s"] = round(time.time() - t0, 1)   # training, plan steps and comm-volume
+    with open(os.path.join(args.out, "results", f"{name}_s{seed}.json"), "w") as f:
+        json.dump(r, f, indent=1)
+    print(f"[quality_study] {name} seed {seed}: rc={r.get('rc')} valid={r.get('valid_loss')} "
+          f"tokens/s={r.get('tokens_per_s')} wall={r.get('wall_s')} s", flush=True)
+    return r
+
+
+def run_all(todo: List[tuple], args, data: dict) -> None:
+    """Run the (row, seed) pairs, `--jobs` at a time on the one GPU (each run is host-bound: at
+    this size the GPU idles most of a step, so runs sharing it finish sooner together than one
+    after another; their tokens/s are then not a single run's). A plan row starts once the top-k
+    run of its seed has saved its iteration-W checkpoint, in this call or an earlier one."""
+    import concurrent.futures as cf
+
+    t_start, longest = time.time(), 0.0
+    with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        running: Dict[tuple, cf.Future] = {}
+        waiting = list(todo)
+        while waiting or running:
+            if args.time_budget and longest and time.time() - t_start + 1.1 * longest > args.time_budget:
+                if waiting:   # a row started now would not end inside the call: leave it for the next
+                    print(f"[quality_study] --time-budget {args.time_budget} s: not started: "
+                          + ", ".join(f"{n} seed {sd}" for n, sd in waiting), flush=True)
+                    waiting = []
+            for item in list(waiting):
+                name, seed = item
+                if len(running) >= max(1, args.jobs):
+                    break
+                if (ROWS[name][2] == "plan" and not _topk_checkpoint_ready(seed, args)
+                        and (("topk", seed) in running or ("topk", seed) in waiting)):
+                    continue   # (with no top-k run to wait for, the row fails saying why)
+                waiting.remove(item)
+                running[item] = pool.submit(_run_and_save, name, seed, args, data)
+            done, _ = cf.wait(list(running.values()), timeout=5, return_when=cf.FIRST_COMPLETED)
+            for item, fut in list(running.items()):
+                if fut in done:
+                    longest = max(longest, fut.result().get("row_wall_s", 0.0))  # harness errors stop it
+                    del running[item]
+
+
 _VALID_RE = re.compile(r"validation loss at iteration (\d+) .*?lm loss value: ([0-9.E+-]+)")
 
 
@@ -398,6 +456,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--trace-tokens", type=int, default=16384, help="tokens per layer in the routing trace")
     ap.add_argument("--row-timeout", type=int, default=1800)
     ap.add_argument("--port", type=int, default=0, help="torchrun's master port (0: a free one per run)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time on the one GPU (plan rows wait for their top-k checkpoint)")
+    ap.add_argument("--time-budget", type=float, default=0,
+                    help="seconds: start no run that would end after this (1.1 x the longest run so far)")
     ap.add_argument("--skip-done", action="store_true",
                     help="skip (row, seed) pairs whose result in --out completed (resume across calls)")
     ap.add_argument("--cpu", action="store_true", help="gloo and the CPU compatibility layer")
@@ -415,6 +477,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.row_list = rows
     os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
     data = resolve_data(args)
+    todo = []
     for seed in seeds:
         for name in rows:
             done = os.path.join(args.out, "results", f"{name}_s{seed}.json")
@@ -422,12 +485,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if name != "topk" or os.path.isdir(os.path.join(args.out, "runs", f"topk_s{seed}", "ckpt")):
                     print(f"[quality_study] {name} seed {seed}: done before, skipped", flush=True)
                     continue
-            print(f"[quality_study] {name} seed {seed} ...", flush=True)
-            r = run_one(name, seed, args, data)
-            with open(os.path.join(args.out, "results", f"{name}_s{seed}.json"), "w") as f:
-                json.dump(r, f, indent=1)
-            print(f"[quality_study] {name} seed {seed}: rc={r.get('rc')} valid={r.get('valid_loss')} "
-                  f"tokens/s={r.get('tokens_per_s')} wall={r.get('wall_s')} s", flush=True)
+            todo.append((name, seed))
+    run_all(todo, args, data)
     # the summary covers every run in --out (earlier invocations' too), in row order, then seed
     order = {n: i for i, n in enumerate(ROWS)}
     results = []

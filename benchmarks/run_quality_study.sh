@@ -8,7 +8,7 @@
 # There, from the repository root:
 #   bash benchmarks/run_quality_study.sh --rows topk,c2r-warmup-t1 --seeds 1234 [more quality_study flags]
 # Results accumulate in runs/quality_study (git-ignored, kept on a warm machine between calls;
-# --skip-done skips finished rows), and results/, summary.json and summary.md are copied to $OUT.
+# --skip-done skips finished rows); what is copied to $OUT is said below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 site=/tmp/site
@@ -21,15 +21,26 @@ if ! python3 -c "import megatron.core, sentencepiece" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
 fi
 out=runs/quality_study
+# what comes back (at most 8 files from $OUT): results.tar.gz (one JSON per run),
+# refreshed every 20 s so the runs finished before a cut-off still come back; the log; and at the
+# end summary.json/.md and runs.tar.gz (logs, run.jsonl, comm-volume JSON and plans of every run; no checkpoints, no traces)
+save_results() {
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT/quality_study"
+  tar czf "$OUT/quality_study/results.tmp.tgz" -C "$out" results 2>/dev/null && mv "$OUT/quality_study/results.tmp.tgz" "$OUT/quality_study/results.tar.gz"
+  cp /tmp/quality_study.log "$OUT/quality_study/" 2>/dev/null || true
+}
+mkdir -p "$out/results"
+( while sleep 20; do save_results; done ) &
+saver=$!
 set +e
 python3 benchmarks/quality_study.py --data data/study/prepared --out "$out" --skip-done "$@" 2>&1 | tee -a /tmp/quality_study.log
 rc=${PIPESTATUS[0]}
 set -e
+kill "$saver" 2>/dev/null || true
+save_results
 if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/quality_study"
-  cp -r "$out/results" "$out/summary.json" "$out/summary.md" "$OUT/quality_study/" 2>/dev/null || true
-  cp /tmp/quality_study.log "$OUT/quality_study/" || true
-  # logs and routing traces of every run, without checkpoints
-  tar czf "$OUT/quality_study/runs.tar.gz" --exclude='ckpt*' --exclude='ckpt_placed' -C "$out" runs 2>/dev/null || true
+  cp "$out/summary.json" "$out/summary.md" "$OUT/quality_study/" 2>/dev/null || true
+  tar czf "$OUT/quality_study/runs.tar.gz" --exclude='ckpt*' --exclude='trace' -C "$out" runs 2>/dev/null || true
 fi
 exit "$rc"
