@@ -18,9 +18,10 @@ The EP-8 placement is emulated in training where the policy's constraint is a pl
 that does not depend on where a token comes from: C2R (`--moe-c2r-layout-ep 8`: partners, default
 T and plans are EP 8's, 2 experts per rank) and Megatron's group-limited routing
 (`--moe-router-num-groups 8`: 8 groups of 2 experts = EP 8's devices). LocMoE's locality loss and
-node-local bias depend on the token's source rank, which EP 1 does not have: its rows train with
-every expert local (the loss and the bias then do nothing), so their quality is that of the GrAP
-gate; their traffic is still re-routed offline at EP 8 with the bias. Device-limited routing with
+node-local bias depend on the token's source rank, which EP 1 does not have: its rows emulate
+EP 8 on 2 nodes of 4 (`--moe-locmoe-layout-ep 8 --moe-ranks-per-node 4`: sample b of each
+micro-batch of 8 stands on rank b), and their traces record those sources, so `comm-volume`
+counts from where the router thought each token was. Device-limited routing with
 group-topk 2 at top-2 is plain top-k (a token's 2 experts are in at most 2 groups): a control that
 must match `topk`.
 
@@ -65,6 +66,9 @@ TINY_DIMS = dict(layers=2, hidden=64, heads=4, experts=16, ffn=64, topk=2, seq=6
 SHARED = ["--moe-shared-expert-intermediate-size", "FFN", "--moe-shared-expert-gate"]
 C2R = ["--moe-router-policy", "c2r", "--moe-c2r-layout-ep", str(LAYOUT_EP)]
 TOP1 = ["--moe-router-topk", "1", "--moe-router-pre-softmax"]
+# LocMoE's locality is per node: its rows emulate EP 8 on 2 nodes of 4 (sample b of a micro-batch
+# of 8 on rank b), so the locality loss and the local bias act as they would there
+LOCMOE_2X4 = ["--moe-locmoe-layout-ep", str(LAYOUT_EP), "--moe-ranks-per-node", "4"]
 
 # name -> (training flags, offline comm-volume policy + options, kind)
 # kind: "moe" (every layer MoE), "dense" (no experts), "plan" (C2R from the top-k checkpoint)
@@ -85,8 +89,9 @@ ROWS: Dict[str, tuple] = {
     "c2r-plan-t1": (C2R + ["--moe-dedup-dispatch"], ["--policy", "c2r", "--dedup"], "plan"),
     "c2r-plan-t3": (C2R + ["--moe-dedup-dispatch"], ["--policy", "c2r", "--dedup"], "plan"),
     "locmoe": (["--moe-router-policy", "locmoe", "--moe-locmoe-local-bias", "0.6",
-                "--moe-locmoe-local-bias-warmup-steps", "W"], ["--policy", "locmoe", "--local-bias", "0.6"], "moe"),
-    "locmoe-plus": (["--moe-router-policy", "locmoe-plus", "--moe-expert-capacity-factor", "1.0"],
+                "--moe-locmoe-local-bias-warmup-steps", "W"] + LOCMOE_2X4,
+               ["--policy", "locmoe", "--local-bias", "0.6"], "moe"),
+    "locmoe-plus": (["--moe-router-policy", "locmoe-plus", "--moe-expert-capacity-factor", "1.0"] + LOCMOE_2X4,
                     ["--policy", "locmoe-plus"], "moe"),
     "scmoe-pos2": (["--moe-layer-freq", "2", "--moe-scmoe", "pos2"] + TOP1 + SHARED,
                    ["--policy", "topk"], "moe"),

@@ -238,6 +238,24 @@ def _check_locmoe(cfg: MoEExtConfig, a: Any, num_experts: int, ep: int, rpn: int
         raise MoEExtConfigError(
             "--moe-locmoe-capacity bound drops tokens through Megatron's capacity path, which "
             "needs --moe-expert-capacity-factor (the upper clamp, for example 1.25).")
+    layout = cfg.locmoe_layout_ep
+    if layout is not None:
+        mbs = getattr(a, "micro_batch_size", None)
+        if ep != 1:   # --moe-ranks-per-node would then count two kinds of rank
+            raise MoEExtConfigError(
+                f"--moe-locmoe-layout-ep emulates EP {layout} on a one-EP-rank run; set "
+                f"--expert-model-parallel-size 1 (it is {ep}) or drop --moe-locmoe-layout-ep.")
+        if num_experts % layout:
+            raise MoEExtConfigError(
+                f"--moe-locmoe-layout-ep {layout} must divide --num-experts {num_experts}.")
+        if mbs is not None and mbs % layout:
+            raise MoEExtConfigError(
+                f"--moe-locmoe-layout-ep {layout} splits each micro-batch's samples over {layout} "
+                f"source ranks; set --micro-batch-size to a multiple of {layout} (it is {mbs}).")
+        if layout % rpn and rpn % layout:
+            raise MoEExtConfigError(
+                f"--moe-ranks-per-node {rpn} counts EP {layout}'s ranks under --moe-locmoe-layout-ep "
+                "and must divide it (or be a multiple of it).")
     tp_cp = (getattr(a, "tensor_model_parallel_size", 1) or 1) * (getattr(a, "context_parallel_size", 1) or 1)
     if cfg.locmoe_mu > 0 and tp_cp > 1 and rpn % tp_cp:
         raise MoEExtConfigError(
@@ -252,6 +270,6 @@ def _check_locmoe(cfg: MoEExtConfig, a: Any, num_experts: int, ep: int, rpn: int
             f"{hidden} divisible by --num-experts {num_experts}.")
     # EP ranks are expert-TP-strided GPUs (routing/topology.EPTopology.from_gpus)
     etp = getattr(a, "expert_tensor_parallel_size", None) or 1
-    if rpn >= ep * etp and cfg.locmoe_mu > 0:
+    if rpn >= (layout or ep * etp) and cfg.locmoe_mu > 0:
         warnings.warn("--moe-router-policy locmoe: all EP ranks share one node (--moe-ranks-per-node), "
                       "so every expert is local and the locality loss is constant.")

@@ -116,6 +116,12 @@ class MoEExtConfig:
     locmoe_local_bias_warmup_steps: int = _opt(0, policies=_LOCMOE, metavar="W")
     """LocMoE: no local bias for the first W training iterations, then B."""
 
+    locmoe_layout_ep: Optional[int] = _opt(None, policies=_LOCMOE, metavar="N")
+    """LocMoE at EP 1 emulating EP N (a one-GPU study): each micro-batch's samples are split
+    evenly over N source ranks, as N data-parallel ranks would hold them, and the locality loss
+    and local bias follow EP N's placement, with --moe-ranks-per-node counting EP N's ranks per
+    node. Every expert stays on the one GPU: nothing is sent differently."""
+
     locmoe_capacity: Literal["off", "bound"] = _opt("off", policies=("locmoe",))
     """LocMoE: expert capacity from the paper's lower bound (re-estimated every iteration),
     clamped to --moe-expert-capacity-factor."""
@@ -196,6 +202,9 @@ class MoEExtConfig:
             raise MoEExtConfigError("--moe-locmoe-eps must be between 0 and 1 (exclusive).")
         if not 0 < self.locmoe_plus_tau <= 1:
             raise MoEExtConfigError("--moe-locmoe-plus-tau must be in (0, 1].")
+        if self.locmoe_layout_ep is not None and self.locmoe_layout_ep < 1:
+            raise MoEExtConfigError(
+                f"--moe-locmoe-layout-ep must be a positive EP size, got {self.locmoe_layout_ep}.")
         if self.c2r_layout_ep is not None and self.c2r_layout_ep < 1:
             raise MoEExtConfigError(
                 f"--moe-c2r-layout-ep must be a positive EP size, got {self.c2r_layout_ep}.")

@@ -219,10 +219,15 @@ def _load_inputs(ns):
         if reinterpret:
             ep = ns.ep
             rpn = _positive("--ranks-per-node", ns.ranks_per_node, ep)
-            src_of = {layer: torch.arange(len(lg)) * ep // len(lg) for layer, lg in tr.logits.items()}
+            if tr.layout_ep == ep:   # the run emulated EP ep: its tokens' sources are recorded
+                src_of = dict(tr.layout_src)
+            else:
+                src_of = {layer: torch.arange(len(lg)) * ep // len(lg) for layer, lg in tr.logits.items()}
         layers = {layer: (tr.logits[layer], src_of[layer], tr.scoring[layer], tr.affinity[layer])
                   for layer in tr.logits}
         source = f"trace:{ns.trace}" + (f" (EP 1 read at EP {ep})" if reinterpret else "")
+        if reinterpret and tr.layout_ep == ep:
+            source += ", with the source ranks its router emulated"
     else:
         E, k, ep = _positive("--experts", ns.experts, 64), _positive("--topk", ns.topk, 4), \
             _positive("--ep", ns.ep, 8)

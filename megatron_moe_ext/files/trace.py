@@ -4,7 +4,8 @@ One file per (iteration, rank), `routing_trace_iter{N:07d}_rank{R:05d}.pt`, a `t
     schema "megatron-moe-ext/routing-trace", version 2, iteration, num_experts, topk, ep_size,
     ep_rank, ep_ranks_per_node, layers {layer_number: {"logits": FloatTensor[T, E],
     "score_function": str, "pre_softmax": bool, "expert_bias": FloatTensor[E] or None,
-    "hidden_norm": FloatTensor[T], "gate_norm": FloatTensor[E]}}.
+    "hidden_norm": FloatTensor[T], "gate_norm": FloatTensor[E]}}, and for an EP-1 run emulating
+    EP N's sources (`--moe-locmoe-layout-ep N`) "layout_ep": N and "layout_src": LongTensor[T].
 The scoring fields let offline selection rank what training ranked (sigmoid scores plus expert
 bias, not raw logits); the norms give the cosine affinities LocMoE+ routes by. Version 1 files
 (layers {layer_number: logits}) still load, as softmax routing without affinities. Plain tensors
@@ -57,6 +58,8 @@ def _entry(v: Union[torch.Tensor, dict]) -> dict:
     for k in ("logits", "expert_bias", "hidden_norm", "gate_norm"):
         if isinstance(d.get(k), torch.Tensor):
             d[k] = d[k].detach().float().cpu()
+    if isinstance(d.get("layout_src"), torch.Tensor):
+        d["layout_src"] = d["layout_src"].detach().long().cpu()
     return d
 
 
@@ -73,6 +76,8 @@ class RoutingTrace:
     files: List[Path]
     scoring: Dict[int, dict] = None        # layer -> {score_function, pre_softmax, expert_bias}
     affinity: Dict[int, Optional[torch.Tensor]] = None  # layer -> FloatTensor[T, E] cosines, or None
+    layout_ep: Optional[int] = None        # an EP-1 run's emulated EP size (--moe-locmoe-layout-ep)
+    layout_src: Dict[int, torch.Tensor] = None  # layer -> LongTensor[T], the emulated source ranks
 
 
 def load_trace(path: Union[str, Path]) -> RoutingTrace:
@@ -81,7 +86,7 @@ def load_trace(path: Union[str, Path]) -> RoutingTrace:
     files = sorted(path.glob("routing_trace_*.pt")) if path.is_dir() else [path]
     if not files or not files[0].exists():
         raise TraceError(f"{path}: no routing trace found (expected routing_trace_*.pt files).")
-    first, logits, src, scoring, aff = None, {}, {}, {}, {}
+    first, logits, src, scoring, aff, lsrc, layout = None, {}, {}, {}, {}, {}, set()
     for f in files:
         try:
             d = torch.load(f, map_location="cpu", weights_only=True)
@@ -109,11 +114,17 @@ def load_trace(path: Union[str, Path]) -> RoutingTrace:
             # ranks share a layer's scoring (the expert bias is all-reduced); keep the first
             scoring.setdefault(layer, {k: e[k] for k in ("score_function", "pre_softmax", "expert_bias")})
             has_norms = e.get("hidden_norm") is not None and e.get("gate_norm") is not None
+            layout.add(e.get("layout_ep"))
+            lsrc.setdefault(layer, []).append(e.get("layout_src"))
             aff.setdefault(layer, []).append(
                 lg / (e["hidden_norm"][:, None] * e["gate_norm"][None, :]).clamp_min(1e-12)
                 if has_norms else None)
     affinity = {k: (torch.cat(v) if all(a is not None for a in v) else None) for k, v in sorted(aff.items())}
+    layout_ep, layout_src = None, None
+    if len(layout) == 1 and None not in layout:   # every entry of every file emulated one layout
+        layout_ep, layout_src = layout.pop(), {k: torch.cat(v) for k, v in sorted(lsrc.items())}
     return RoutingTrace(first["num_experts"], first["topk"], first["ep_size"],
                         first["ep_ranks_per_node"],
                         {k: torch.cat(v) for k, v in sorted(logits.items())},
-                        {k: torch.cat(v) for k, v in sorted(src.items())}, files, scoring, affinity)
+                        {k: torch.cat(v) for k, v in sorted(src.items())}, files, scoring, affinity,
+                        layout_ep, layout_src)

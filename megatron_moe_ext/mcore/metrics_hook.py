@@ -124,6 +124,10 @@ class MoEMetricsRecorder:
                     "hidden_norm": hidden.float().norm(dim=-1).cpu(),
                     "gate_norm": router.weight.float().norm(dim=-1).detach().cpu(),
                 }
+                sources = getattr(router, "token_sources", lambda _x: None)(inputs[0])
+                if sources is not None:   # an emulated layout: the source ranks its router used
+                    self._trace[layer].update(layout_ep=int(router.layout_ep),
+                                              layout_src=sources[: self.trace_max_tokens].cpu())
 
     def arm_trace(self) -> None:
         """Record router logits during the next training iteration."""

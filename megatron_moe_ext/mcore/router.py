@@ -351,10 +351,20 @@ class LocMoERouter(PolicyRouter):
         if self.ext_cfg.locmoe_gate == "grap":
             self.weight.requires_grad_(False)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        topo = EPTopology.from_gpus(E, self.ep_size, self.ext_cfg.resolved_ranks_per_node(world),
-                                    get_pg_size(getattr(pg_collection, "expt_tp", None)))
+        rpn = self.ext_cfg.resolved_ranks_per_node(world)
         dev = self.weight.device
-        self.register_buffer("locality_mask", topo.node_local_mask(self.ep_rank).to(dev), persistent=False)
+        self.layout_ep = self.ext_cfg.locmoe_layout_ep
+        if self.layout_ep:   # EP 1 emulating EP N: N source ranks, one mask row each
+            if self.ep_size != 1 or E % self.layout_ep:
+                raise ValueError(f"--moe-locmoe-layout-ep {self.layout_ep} needs EP 1 (it is {self.ep_size}) "
+                                 f"and must divide --num-experts {E}.")
+            topo = EPTopology(E, self.layout_ep, rpn)
+            mask = topo.node_local_mask(torch.arange(self.layout_ep))                     # [N, E]
+        else:
+            topo = EPTopology.from_gpus(E, self.ep_size, rpn, get_pg_size(getattr(pg_collection, "expt_tp", None)))
+            mask = topo.node_local_mask(self.ep_rank)                                     # [E]
+        self.register_buffer("locality_mask", mask.to(dev), persistent=False)
+        self._sources = None   # (tokens, micro-batch, device) -> LongTensor[T], cached
         self._stats = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=dev)
         # log D_l, fixed by the placement: computed once, so the loss needs no host sync per step
         # (a plain attribute: Megatron's Float16Module would cast a buffer to bf16)
@@ -377,6 +387,24 @@ class LocMoERouter(PolicyRouter):
             return super().forward(input, padding_mask=padding_mask)
         finally:
             self._last_input = None
+
+    def token_sources(self, input: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Under --moe-locmoe-layout-ep N: the emulated source rank of each token of the router's
+        input [S, B, H] (flattened s-major, as the router reads it): sample b of the micro-batch
+        is on rank b // (B / N), as N data-parallel ranks would each hold B / N samples.
+        LongTensor[S*B]; None without an emulated layout."""
+        x = self._last_input if input is None else input
+        if not self.layout_ep or x is None:
+            return None
+        if x.dim() != 3 or x.shape[1] % self.layout_ep:
+            raise ValueError(f"--moe-locmoe-layout-ep {self.layout_ep} needs router inputs [S, B, H] with B "
+                             f"a multiple of {self.layout_ep}; got {tuple(x.shape)} (--micro-batch-size).")
+        S, B = x.shape[0], x.shape[1]
+        key = (S * B, B, x.device)
+        if self._sources is None or self._sources[0] != key:
+            src = (torch.arange(S * B, device=x.device) % B) // (B // self.layout_ep)
+            self._sources = (key, src)
+        return self._sources[1]
 
     def _stat(self, name: str, value) -> None:
         if self._stats.device != self.weight.device:
@@ -463,8 +491,10 @@ class LocMoERouter(PolicyRouter):
         bias = self.ext_cfg.locmoe_local_bias
         if not bias:
             return scores
+        src = self.token_sources()
+        mask = self.locality_mask if src is None else self.locality_mask[src]   # [E] or [T, E]
         # a device-side switch: no host sync per step
-        return biased_scores(scores, self.locality_mask, bias * self.locmoe_bias_on.to(scores.dtype))
+        return biased_scores(scores, mask, bias * self.locmoe_bias_on.to(scores.dtype))
 
     def extra_losses(self, probs, logits, padding_mask, scores_for_aux=None):
         from megatron_moe_ext.routing.locality import locality_kl
@@ -482,7 +512,8 @@ class LocMoERouter(PolicyRouter):
         valid = None if padding_mask is None else ~padding_mask
         if self._log_d_l.device != scores.device or self._log_d_l.dtype != scores.dtype:
             self._log_d_l = self._log_d_l.to(device=scores.device, dtype=scores.dtype)
-        kl = locality_kl(scores, self._log_d_l, valid=valid, pool=self._pool_over_tp_shards())
+        kl = locality_kl(scores, self._log_d_l, valid=valid, pool=self._pool_over_tp_shards(),
+                         sources=self.token_sources())
         with torch.no_grad():
             self._stat("locality_kl_sum", kl.detach().double())
             self._stat("locality_kl_count", 1.0)

@@ -22,16 +22,14 @@ import torch
 
 
 def localized_distribution(local_mask: torch.Tensor, eps: float) -> torch.Tensor:
-    """D_l[E] (float64): 1-eps uniform on local experts, eps uniform on the rest."""
-    n_local = int(local_mask.sum())
-    n_remote = local_mask.numel() - n_local
-    if n_local == 0:
+    """D_l (float64, local_mask's shape: [E] for one source rank, [V, E] for V of them): 1-eps
+    uniform on a row's local experts, eps uniform on the rest."""
+    n_local = local_mask.sum(-1, keepdim=True).double()
+    n_remote = local_mask.shape[-1] - n_local
+    if bool((n_local == 0).any()):
         raise ValueError("no expert lives on this node; the locality loss needs local experts.")
-    if n_remote == 0:
-        return torch.full(local_mask.shape, 1.0 / n_local, dtype=torch.float64)
-    f64 = dict(dtype=torch.float64)
-    return torch.where(local_mask, torch.tensor((1 - eps) / n_local, **f64),
-                       torch.tensor(eps / n_remote, **f64))
+    local = torch.where(n_remote > 0, (1 - eps) / n_local, 1.0 / n_local)
+    return torch.where(local_mask, local, eps / n_remote.clamp_min(1))
 
 
 def locality_loss(probs: torch.Tensor, local_mask: torch.Tensor, *, eps: float = 1e-3,
@@ -52,25 +50,40 @@ def locality_loss(probs: torch.Tensor, local_mask: torch.Tensor, *, eps: float =
 
 def locality_kl(probs: torch.Tensor, log_d_l: torch.Tensor,
                 valid: Optional[torch.Tensor] = None,
-                pool: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                pool: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                sources: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`locality_loss` with log D_l [E] computed once by the caller, in probs' float dtype and on
     its device (the router's hot path: no host synchronization, no boolean indexing, few ops).
     Rows of probs sum to 1 (softmax or normalized scores), so their mean D_c does too.
 
     `pool` sums [score sums (E), token count] over the ranks that share this micro-batch's tokens
     (sequence-parallel TP shards: forward all-reduce, backward identity), so D_c is the whole
-    micro-batch's, as at TP 1, and the sum over those ranks of each rank's gradient is TP 1's."""
+    micro-batch's, as at TP 1, and the sum over those ranks of each rank's gradient is TP 1's.
+
+    `sources` (LongTensor[T] in [0, V), with log_d_l [V, E]): the tokens come from V source ranks
+    (an emulated layout, `--moe-locmoe-layout-ep`); the loss is the mean over them of each one's
+    KL(D_c || D_l), what V data-parallel ranks' losses average to."""
     p = probs.float() if probs.dtype in (torch.float16, torch.bfloat16) else probs
-    if valid is None:
-        sums, count = p.sum(0), p.new_full((1,), p.shape[0])
+    if sources is None:
+        if valid is None:
+            sums, count = p.sum(0), p.new_full((1,), p.shape[0])
+        else:
+            w = valid.to(p.dtype).unsqueeze(-1)
+            sums, count = (p * w).sum(0), w.sum().reshape(1)
     else:
-        w = valid.to(p.dtype).unsqueeze(-1)
-        sums, count = (p * w).sum(0), w.sum().reshape(1)
+        V, E = log_d_l.shape
+        w = p.new_ones(p.shape[0]) if valid is None else valid.to(p.dtype)
+        sums = p.new_zeros(V, E).index_add(0, sources, p * w.unsqueeze(-1)).reshape(-1)
+        count = p.new_zeros(V).index_add(0, sources, w)
     if pool is not None:
+        n = count.numel()
         pooled = pool(torch.cat([sums, count]))
-        sums, count = pooled[:-1], pooled[-1:].detach()
-    d_c = sums / count.clamp_min(1.0)
-    return (d_c * (torch.log(d_c.clamp_min(1e-12)) - log_d_l)).sum()
+        sums, count = pooled[:-n], pooled[-n:].detach()
+    if sources is None:
+        d_c = sums / count.clamp_min(1.0)
+        return (d_c * (torch.log(d_c.clamp_min(1e-12)) - log_d_l)).sum()
+    d_c = sums.reshape(log_d_l.shape) / count.clamp_min(1.0).unsqueeze(-1)
+    return (d_c * (torch.log(d_c.clamp_min(1e-12)) - log_d_l)).sum() / log_d_l.shape[0]
 
 
 def grap_gate_weight(num_experts: int, hidden_size: int, dtype=torch.float32) -> torch.Tensor:
