@@ -96,6 +96,7 @@ def _bad_values(tmp_path):
         "profile_collaboration": (["--moe-profile-collaboration", str(a_file)], {}),
         "locmoe_mu": (loc + ["--moe-locmoe-mu", "nan"], {}),
         "locmoe_eps": (loc + ["--moe-locmoe-eps", "inf"], {}),
+        "locmoe_layout_ep": (loc + ["--moe-locmoe-layout-ep", "8"], {}),   # the run has EP 2
         "locmoe_gate": (["--moe-locmoe-gate", "grap"], {}),  # locmoe only
         "locmoe_local_bias": (loc + ["--moe-locmoe-local-bias=-inf"], {}),
         "locmoe_local_bias_warmup_steps": (loc + ["--moe-locmoe-local-bias-warmup-steps", "5"], {}),
