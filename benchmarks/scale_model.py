@@ -28,7 +28,8 @@ EP=2 benchmark stays fixed as GPUs are added):
   experts; --skew to change), 64 experts top-4 (group A) or top-3 plus a shared expert (group B),
   the policy's own offline routing, EP = min(N, 64) (64 experts). With --rows-from, the study's
   measured rows per token at EP 8 (benchmarks/quality_study.py summary.json) replace the synthetic
-  ones at EP 8 for the rows it has.
+  ones at EP 8 for the rows it has, as ratios to the study's top-k applied to this model's top-k
+  (the study trains 16 experts top-2; what carries over is the share of top-k's rows a policy keeps).
 - hidden(p, N): ScMoE runs the routed all-to-all beside attention and the shared expert; it can
   hide the bytes term (not the waits, which are barriers) up to a window = that work's share of
   the layer FLOPs (computed from the shape: 0.62) x compute(p).
@@ -183,8 +184,9 @@ def project(cal: Dict[str, dict], gpus: List[int], skew: float, measured: Dict[s
             c = cal[pol]
             v = comm_rows(cv, ep, rpn, TOPK[group], skew)
             src = "synthetic"
-            if ep == 8 and pol in measured:
-                v = {**v, **measured[pol]}
+            if ep == 8 and pol in measured:   # the study's ratio to its own top-k, on this top-k
+                top = comm_rows(POLICIES["topk"][2], ep, rpn, TOPK["a"], skew)
+                v = {**v, **{key: top[key] * ratio for key, ratio in measured[pol].items()}}
                 src = "study"
             remote, inter = v["remote_rows_per_token"], v["inter_node_rows_per_token"]
             intra_ms = bytes_per_step(remote - inter) / (nvlink * 1e9) * 1e3
@@ -254,27 +256,42 @@ def table(rows: List[dict]) -> str:
 
 
 def measured_rows(path: Optional[str]) -> Dict[str, dict]:
-    """EP-8 one-node rows per token from a quality_study summary.json, for the policies it has."""
+    """Rows per token at EP 8 on one node relative to top-k's, measured by the results study, for
+    the policies it has: {policy: {key: ratio}}. Ratios, because the study's model (16 experts,
+    top-2) is not this projection's (64 experts, top-4): what carries over is how much of top-k's
+    traffic a policy keeps. `path`: a quality_study summary.json ({"results": [...]}) or a folder
+    of its per-run JSON; seeds are averaged."""
     if not path:
         return {}
-    with open(path) as f:
-        results = json.load(f)["results"]
+    if os.path.isdir(path):
+        results = []
+        for fn in sorted(os.listdir(path)):
+            if fn.endswith(".json") and "_s" in fn and not fn.startswith("summary"):
+                with open(os.path.join(path, fn)) as f:
+                    results.append(json.load(f))
+    else:
+        with open(path) as f:
+            results = json.load(f)["results"]
     mapping = {"topk": "topk", "topk-dedup": "topk+dedup", "c2r-warmup-t1": "c2r+dedup (one rank)",
                "locmoe": "locmoe bias 0.6"}
-    out = {}
+    keys = ("rows_per_token", "remote_rows_per_token")   # one node: no inter-node rows
+    sums: Dict[str, Dict[str, List[float]]] = {}
     for r in results:
-        pol = mapping.get(r["row"])
         v = r.get("comm_volume", {}).get("ep8_1node")
-        if pol and v and "rows_per_token" in v and pol not in out:
-            out[pol] = {k: v[k] for k in ("rows_per_token", "remote_rows_per_token", "inter_node_rows_per_token")}
-    return out
+        if r.get("completed") and r["row"] in mapping and v and all(k in v for k in keys):
+            for k in keys:
+                sums.setdefault(r["row"], {}).setdefault(k, []).append(v[k])
+    if "topk" not in sums:
+        return {}
+    mean = {row: {k: sum(x) / len(x) for k, x in d.items()} for row, d in sums.items()}
+    return {mapping[row]: {k: m[k] / mean["topk"][k] for k in keys} for row, m in mean.items()}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", default="8,16,32,64,128,256,512,1024")
     ap.add_argument("--skew", type=float, default=0.0, help="synthetic logits' per-expert popularity std")
-    ap.add_argument("--rows-from", default=None, help="quality_study summary.json (measured EP-8 rows)")
+    ap.add_argument("--rows-from", default=None, help="quality_study summary.json or folder of run JSON (measured EP-8 rows)")
     ap.add_argument("--out", default=None, help="JSON to write")
     args = ap.parse_args(argv)
     gpus = [int(g) for g in args.gpus.split(",")]

@@ -5,17 +5,23 @@
 Reads every `<row>_s<seed>.json` in the folder (completed runs only), groups them by row and prints
 the markdown table of docs/results.md: validation loss mean and spread over seeds, perplexity of
 the mean, the difference to top-k, rows per token at EP 8 (total / remote on one node, inter-node
-on 2 nodes of 4), load CV, dropped tokens, tokens/s, and a verdict.
+on 2 nodes of 4; these are per routed pass of an MoE layer), the model's mean rows per token per
+layer (that times the routed passes per layer: ScMoE pos2 routes in every other layer, DGMoE twice,
+the dense control never), load CV, dropped tokens, tokens/s, and a verdict.
 
-Spread and verdict (stated in the table's notes): the spread of a row is max - min over its seeds.
-The noise a difference is judged against is the largest spread among top-k and the row (a row
-run with one seed borrows top-k's). A row whose mean lies more than that noise above top-k's
-"hurts", more than it below "helps", otherwise "no difference". tokens/s of runs that shared the
-GPU with others (`concurrent_jobs` > 1) are not a single run's speed and are marked so.
+Spread and verdict (stated in the table's notes): the spread of a row is max - min over its
+seeds. A row is compared with top-k seed by seed (same data order, the same evaluation batches):
+its difference is the mean over its seeds of (row - top-k of that seed). The noise it is judged
+against is the spread of those paired differences over its own seeds, or, for a row run with one
+seed, the median of that spread over the rows that have two (its verdict then says "(one
+seed)"). A difference above the noise "hurts", below minus the noise "helps", otherwise "no
+difference". tokens/s of runs that shared the
+GPU with others (`concurrent_jobs` > 1) are not a single run's speed: the column gives the mean
+over a row's runs made alone, or, where it has none, the shared runs' figure marked `*`.
 
 Plots (`--png-dir`): study_loss_curves.png (validation loss over iterations, first seed of each
-row) and study_traffic_vs_quality.png (inter-node rows per token on 2 x 4 against the validation
-loss difference to top-k, with the spread as error bars).
+row) and study_traffic_vs_quality.png (inter-node rows per token per model layer on 2 x 4 against the
+validation loss difference to top-k, with the spread as error bars).
 """
 
 from __future__ import annotations
@@ -55,41 +61,71 @@ def _mean(vals: List[Optional[float]]) -> Optional[float]:
     return statistics.fmean(vals) if vals else None
 
 
+def traffic_share(name: str) -> float:
+    """Routed passes per model layer, relative to a model whose every layer routes once: the rows
+    per token of a row's trace are per routed pass of an MoE layer, and ScMoE pos2 routes in
+    every other layer (--moe-layer-freq 2), DGMoE twice per layer."""
+    flags = ROWS[name][0]
+    share = 1.0
+    if "--moe-layer-freq" in flags:
+        share /= int(flags[flags.index("--moe-layer-freq") + 1])
+    if "dgmoe" in flags:
+        share *= 2
+    return 0.0 if ROWS[name][2] == "dense" else share
+
+
 def summarize(runs: Dict[str, List[dict]]) -> List[dict]:
     """One record per row, in the harness's row order, with the verdict against top-k."""
+    base = {r["seed"]: r["valid_loss"] for r in runs.get("topk", [])}
     out = []
-    base = runs.get("topk")
-    base_mean = _mean([r["valid_loss"] for r in base]) if base else None
-    base_spread = (max(r["valid_loss"] for r in base) - min(r["valid_loss"] for r in base)) if base else None
     for name in ROWS:
         rs = runs.get(name)
         if not rs:
             continue
         losses = [r["valid_loss"] for r in rs]
         mean = statistics.fmean(losses)
-        spread = max(losses) - min(losses) if len(rs) > 1 else None
         rec = {"row": name, "seeds": [r["seed"] for r in rs], "valid_loss_mean": mean,
-               "valid_loss_spread": spread, "valid_losses": losses, "ppl_of_mean": math.exp(mean),
+               "valid_loss_spread": max(losses) - min(losses) if len(rs) > 1 else None,
+               "valid_losses": losses, "ppl_of_mean": math.exp(mean),
                "load_cv": _mean([r.get("load_cv") for r in rs]),
                "dropped": _mean([r.get("dropped_token_fraction") for r in rs]),
-               "tokens_per_s": _mean([r.get("tokens_per_s") for r in rs]),
-               "tokens_per_s_shared": any((r.get("concurrent_jobs") or 1) > 1 for r in rs)}
+               "tokens_per_s_alone": _mean([r.get("tokens_per_s") for r in rs if (r.get("concurrent_jobs") or 1) == 1]),
+               "tokens_per_s_shared": _mean([r.get("tokens_per_s") for r in rs if (r.get("concurrent_jobs") or 1) > 1])}
         for key in TRAFFIC:
             rec[key] = _mean([r.get(key) for r in rs])
-        if base_mean is not None and name != "topk":
-            noise_parts = [s for s in (base_spread if len(base) > 1 else None, spread) if s is not None]
-            noise = max(noise_parts) if noise_parts else None
-            delta = mean - base_mean
-            rec.update(delta_vs_topk=delta, rel_vs_topk=delta / base_mean, noise=noise)
-            if noise is None:
-                rec["verdict"] = "unresolved (one seed each)"
-            elif delta > noise:
-                rec["verdict"] = "hurts"
-            elif delta < -noise:
-                rec["verdict"] = "helps"
-            else:
-                rec["verdict"] = "no difference"
+        rec["layer_share"] = traffic_share(name)
+        total = rec["ep8_1node_rows_per_token"]
+        rec["model_rows_per_token_per_layer"] = 0.0 if rec["layer_share"] == 0 else (
+            None if total is None else total * rec["layer_share"])
+        # paired with top-k of the same seed: same data order and the same evaluation batches
+        paired = [r["valid_loss"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        if name != "topk" and paired:
+            rec["paired_deltas"] = paired
+            rec["delta_vs_topk"] = statistics.fmean(paired)
+            rec["rel_vs_topk"] = rec["delta_vs_topk"] / statistics.fmean(
+                [base[r["seed"]] for r in rs if r["seed"] in base])
+            rec["delta_spread"] = max(paired) - min(paired) if len(paired) > 1 else None
         out.append(rec)
+    # the noise a one-seed row is judged against: the median spread of the measured paired deltas
+    measured = sorted(r["delta_spread"] for r in out if r.get("delta_spread") is not None)
+    typical = statistics.median(measured) if measured else None
+    for rec in out:
+        if "delta_vs_topk" not in rec:
+            continue
+        own = rec.get("delta_spread")
+        noise = own if own is not None else typical
+        rec["noise"], rec["noise_source"] = noise, ("own seeds" if own is not None else "typical")
+        delta = rec["delta_vs_topk"]
+        if noise is None:
+            rec["verdict"] = "unresolved (one seed each)"
+        elif delta > noise:
+            rec["verdict"] = "hurts"
+        elif delta < -noise:
+            rec["verdict"] = "helps"
+        else:
+            rec["verdict"] = "no difference"
+        if own is None and noise is not None:
+            rec["verdict"] += " (one seed)"
     return out
 
 
@@ -98,17 +134,19 @@ def table(records: List[dict]) -> str:
         return none if v is None else format(v, fmt)
 
     head = ("| row | seeds | valid loss (mean +- spread/2) | PPL | vs top-k | rows/token EP 8 total / remote "
-            "| inter-node 2x4 | load CV | dropped | tokens/s | verdict |")
-    lines = [head, "|---" * 11 + "|"]
+            "| inter-node 2x4 | model rows/token/layer | load CV | dropped | tokens/s | verdict |")
+    lines = [head, "|---" * 12 + "|"]
     for r in records:
         spread = r["valid_loss_spread"]
         loss = f"{r['valid_loss_mean']:.4f}" + (f" +- {spread / 2:.4f}" if spread is not None else "")
-        vs = "-" if r["row"] == "topk" else f"{r['delta_vs_topk']:+.4f} ({100 * r['rel_vs_topk']:+.1f}%)"
-        tps = f(r["tokens_per_s"], ",.0f") + (" *" if r["tokens_per_s_shared"] else "")
+        vs = "-" if "delta_vs_topk" not in r else f"{r['delta_vs_topk']:+.4f} ({100 * r['rel_vs_topk']:+.1f}%)"
+        tps = (f(r["tokens_per_s_alone"], ",.0f") if r["tokens_per_s_alone"] is not None
+               else f(r["tokens_per_s_shared"], ",.0f") + " *")
         lines.append("| " + " | ".join([
             f"`{r['row']}`", ",".join(map(str, r["seeds"])), loss, f"{r['ppl_of_mean']:.2f}", vs,
             f"{f(r['ep8_1node_rows_per_token'], '.3f')} / {f(r['ep8_1node_remote_rows_per_token'], '.3f')}",
-            f(r["ep8_2x4_inter_node_rows_per_token"], ".3f"), f(r["load_cv"], ".3f"),
+            f(r["ep8_2x4_inter_node_rows_per_token"], ".3f"), f(r["model_rows_per_token_per_layer"], ".3f"),
+            f(r["load_cv"], ".3f"),
             f(r["dropped"], ".4f", "-"), tps, r.get("verdict", "-")]) + " |")
     return "\n".join(lines)
 
@@ -122,12 +160,18 @@ def plot(runs: Dict[str, List[dict]], records: List[dict], png_dir: str) -> List
     os.makedirs(png_dir, exist_ok=True)
     written = []
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name in ROWS:
-        if name not in runs:
-            continue
+    colors = plt.get_cmap("tab20").colors
+    for i, name in enumerate(n for n in ROWS if n in runs):
+        # the periodic evaluations; the final one (a second record at the last iteration, on the
+        # next evaluation batches) is the table's number, drawn as a larger dot
         curve = runs[name][0].get("valid_curve") or []
-        if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker=".", label=f"{name} (s{runs[name][0]['seed']})")
+        if not curve:
+            continue
+        periodic, final = curve[:-1], curve[-1]
+        style = dict(color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], ls=("-", "--", ":")[i % 3])
+        ax.plot([c[0] for c in periodic], [c[1] for c in periodic], marker=".", **style,
+                label=f"{name} (s{runs[name][0]['seed']})")
+        ax.plot([final[0] + 6], [final[1]], marker="o", color=style["color"])
     ax.set_xlabel("iteration (32 x 1024 tokens each)")
     ax.set_ylabel("validation loss")
     ax.set_ylim(top=min(6.5, ax.get_ylim()[1]))
@@ -141,16 +185,22 @@ def plot(runs: Dict[str, List[dict]], records: List[dict], png_dir: str) -> List
     written.append(path)
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    points: Dict[tuple, List[str]] = {}
     for r in records:
         x = r.get("ep8_2x4_inter_node_rows_per_token")
         if x is None:
             continue
+        x *= r["layer_share"]   # per layer of the model, as the table's model column
         y = r.get("delta_vs_topk", 0.0)
-        err = (r["valid_loss_spread"] or 0) / 2
+        err = (r.get("delta_spread") or 0) / 2
         ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3)
-        ax.annotate(r["row"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        points.setdefault((round(x, 2), round(y, 3)), []).append(r["row"])
+    for i, ((x, y), names) in enumerate(sorted(points.items())):   # rows at one point share a label
+        near = any(abs(x - x2) < 0.05 and abs(y - y2) < 0.02 for (x2, y2) in points if (x2, y2) < (x, y))
+        ax.annotate(" = ".join(names), (x, y), fontsize=7, textcoords="offset points",
+                    xytext=(4, -11) if near else (4, 3))
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("inter-node rows per token, EP 8 on 2 nodes x 4 (offline from the run's trace)")
+    ax.set_xlabel("inter-node rows per token per model layer, EP 8 on 2 nodes x 4 (offline, from the run's trace)")
     ax.set_ylabel("validation loss - top-k's (nats)")
     ax.grid(alpha=0.3)
     ax.set_title("Traffic against quality")
