@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parents[1] / "megatron_moe_ext"
 # Layers, lowest first: a module may import its own layer or lower ones only.
 LAYERS = [
     ("errors",),
-    ("routing", "files"),
+    ("routing", "files", "kernels"),
     ("config",),
     ("compat", "mcore", "experts"),
     ("args", "training", "convert", "plots"),

@@ -24,7 +24,7 @@ import torch
 E4M3_MAX = 448.0
 AMAX_EPS = 1e-12
 
-from megatron_moe_ext.experts.triton_support import tl, triton, use_triton
+from megatron_moe_ext.kernels.triton_support import tl, triton, use_triton
 
 
 def quantize_rows_reference(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

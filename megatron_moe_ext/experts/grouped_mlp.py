@@ -18,7 +18,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_moe_ext.experts.swiglu import weighted_swiglu
-from megatron_moe_ext.experts.triton_support import use_triton
+from megatron_moe_ext.kernels.triton_support import use_triton
 
 
 class _Stacked(torch.nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_moe_ext.experts.triton_support import tl, triton, use_triton
+from megatron_moe_ext.kernels.triton_support import tl, triton, use_triton
 
 
 def weighted_swiglu_reference(fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Whether the experts' Triton kernels run on a tensor: CUDA tensors, and CPU tensors under
+"""Whether the Triton kernels run on a tensor: CUDA tensors, and CPU tensors under
 Triton's interpreter (TRITON_INTERPRET=1, how the tests run them)."""
 
 from __future__ import annotations
