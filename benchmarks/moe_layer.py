@@ -19,6 +19,7 @@ fresh random tensors. Rows:
   torch fp8 cached w   the same with the weight quantization reused (what gradient accumulation
                        over several micro-batches approaches)
   router topk/c2r/locmoe   the router alone, fwd+bwd, same inputs (and `unfused` with TE)
+  router .. kernel         the same with --moe-router-kernel fused (kernels/fused_router.py)
 Columns: ms, TFLOP/s of the expert GEMMs (6 x tokens x k x h x ffn x (3 for GLU else 2)), the
 fraction of a BF16 8192^3 matmul's rate measured in the same run, and a breakdown: router,
 experts module alone (on pre-permuted tokens), and the rest (permute, unpermute, aux loss).
@@ -232,7 +233,7 @@ def main() -> None:
     init_single_gpu_megatron(port=29513)
     from megatron_moe_ext.compat.megatron_0_19 import patch_named
     from megatron_moe_ext.config import MoEExtConfig
-    from megatron_moe_ext.mcore.router import C2RRouter, LocMoERouter
+    from megatron_moe_ext.mcore.router import C2RRouter, LocMoERouter, TopKPolicyRouter
 
     padding_fix = patch_named("router-padding-out-of-place")
 
@@ -290,6 +291,16 @@ def main() -> None:
                     del layer
                 except Exception as e:
                     rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        # the plugin's fused selection kernel (--moe-router-kernel fused), TE's fusion off
+        for policy, cls in (("topk", TopKPolicyRouter), ("c2r", C2RRouter), ("locmoe", LocMoERouter)):
+            label = f"router {policy} kernel"
+            try:
+                router = functools.partial(cls, ext_cfg=MoEExtConfig(router_policy=policy, router_kernel="fused"))
+                layer = build(shape, "torch bf16", router=router, fused=False)
+                rows[label] = {"router_ms": median_ms(router_step(layer, pool), args.iters, args.warmup)}
+                del layer
+            except Exception as e:
+                rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         results["shapes"][name] = rows
         del stock
         torch.cuda.empty_cache()

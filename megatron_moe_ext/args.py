@@ -18,7 +18,7 @@ import dataclasses
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 from megatron_moe_ext.config import MoEExtConfig, MoEExtConfigError, flag_attr, flag_name
 from megatron_moe_ext.errors import UserError
@@ -104,6 +104,8 @@ def check_with_megatron(cfg: MoEExtConfig, a: Any) -> None:
         _check_c2r(cfg, EPTopology(num_experts, layout or ep, layout or ep), topk)
     if cfg.router_policy in ("locmoe", "locmoe-plus"):
         _check_locmoe(cfg, a, num_experts, ep, rpn)
+    if cfg.router_kernel == "fused":
+        problems.append(fused_router_problem(cfg, a))
     if cfg.dedup_dispatch:
         from megatron_moe_ext.mcore.dispatch import dedup_problem
 
@@ -226,6 +228,25 @@ def _check_c2r(cfg: MoEExtConfig, topology, topk: int) -> None:
         raise MoEExtConfigError(
             f"--moe-c2r-warmup-steps derives partners among co-resident experts, at most "
             f"{per_rank - 1} here; lower --moe-c2r-top-t to {per_rank - 1} or less.")
+
+
+def fused_router_problem(cfg: MoEExtConfig, a: Any) -> Optional[str]:
+    """The sentence refusing --moe-router-kernel fused for settings its kernel never covers."""
+    score = getattr(a, "moe_router_score_function", "softmax") or "softmax"
+    lb = getattr(a, "moe_router_load_balancing_type", "aux_loss")
+    lb = set(lb if isinstance(lb, (list, tuple)) else [lb])
+    fix = "; drop --moe-router-kernel fused or"
+    if score != "softmax":
+        return f"--moe-router-kernel fused computes softmax scores{fix} use --moe-router-score-function softmax."
+    if getattr(a, "moe_router_enable_expert_bias", False):
+        return f"--moe-router-kernel fused ranks no expert bias{fix} drop --moe-router-enable-expert-bias."
+    if lb - {"aux_loss", "none"}:
+        return (f"--moe-router-kernel fused computes the switch aux loss only{fix} use "
+                f"--moe-router-load-balancing-type aux_loss or none (not {', '.join(sorted(lb - {'aux_loss', 'none'}))}).")
+    if cfg.router_policy == "locmoe-plus" or cfg.locmoe_layout_ep:
+        what = "--moe-router-policy locmoe-plus" if cfg.router_policy == "locmoe-plus" else "--moe-locmoe-layout-ep"
+        return f"--moe-router-kernel fused does not cover {what} (its choice is not a top-k){fix} drop {what}."
+    return None
 
 
 def _check_locmoe(cfg: MoEExtConfig, a: Any, num_experts: int, ep: int, rpn: int) -> None:

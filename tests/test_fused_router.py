@@ -20,8 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _partners(E, P, g):
-    return torch.stack([torch.cat([torch.arange(e), torch.arange(e + 1, E)])[torch.randperm(E - 1, generator=g)[:P]]
-                        for e in range(E)])
+    dev = torch.get_default_device()
+    return torch.stack([torch.cat([torch.arange(e), torch.arange(e + 1, E)])[
+        torch.randperm(E - 1, generator=g, device="cpu")[:P].to(dev)] for e in range(E)])
 
 
 CASES = [  # T, E, k, pre_softmax, scaling, bias, C2R partners
@@ -39,9 +40,9 @@ def _check_case(T, E, k, pre, scale, has_bias, P):
     """One case, in a process where TRITON_INTERPRET=1 was set before Triton was imported."""
     import megatron_moe_ext.kernels.fused_router as fr
 
-    g = torch.Generator().manual_seed(T * E + k)
-    x = torch.randn(T, E, generator=g, requires_grad=True)
-    bias = 0.1 * torch.randn(E, generator=g) if has_bias else None
+    g = torch.Generator().manual_seed(T * E + k)   # on the CPU; tensors on the default device
+    x = torch.randn(T, E, generator=g, device="cpu").to(torch.get_default_device()).requires_grad_()
+    bias = 0.1 * torch.randn(E, generator=g, device="cpu").to(x.device) if has_bias else None
     partners = _partners(E, P, g) if P else None
     kw = dict(pre_softmax=pre, scaling_factor=scale, bias=bias, partners=partners)
     got = fr.fused_select(x, k, **kw)
@@ -51,7 +52,7 @@ def _check_case(T, E, k, pre, scale, has_bias, P):
     assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
     torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-5)
     assert torch.equal(got[4].long(), ref[4].long()) and int(got[4].sum()) == T * k
-    gp, gs = torch.randn(T, E, generator=g), torch.randn(E, generator=g)
+    gp, gs = (torch.randn(*shape, generator=g, device="cpu").to(x.device) for shape in ((T, E), (E,)))
     (g_got,) = torch.autograd.grad((got[0] * gp).sum() + (got[3] * gs).sum(), x)
     (g_ref,) = torch.autograd.grad((ref[0] * gp).sum() + (ref[3] * gs).sum(), x)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-6)

@@ -167,3 +167,22 @@ def test_weighted_swiglu_matches_float64_autograd(t, f, dtype, which):
     rel = _swiglu_errors(dtype, t, f)[which]
     tol = SWIGLU_TOL[dtype]
     assert rel < tol, f"{which} {dtype}: rel err {rel:.2e} (tolerance {tol})"
+
+
+# --- the fused router selection: compiled Triton kernels vs the plain-torch reference ----------
+# The CPU test (tests/test_fused_router.py) runs the same cases interpreted; here the compiled
+# kernels on the GPU, plus the router's own sizes (8192 tokens, 16 and 128 experts, top-2/8).
+
+
+@pytest.mark.parametrize("case", [(8192, 16, 2, False, None, False, None), (8192, 128, 8, False, None, False, None),
+                                  (8192, 128, 8, True, 2.5, True, 15), (777, 60, 4, False, 1.0, True, 7)],
+                         ids=["8192x16-top2", "8192x128-top8", "8192x128-c2r-pre-bias", "777x60-masked"])
+def test_fused_router_matches_reference(case):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import test_fused_router as cpu
+
+    with torch.device(DEV):
+        torch.manual_seed(0)
+        cpu._check_case(*case)

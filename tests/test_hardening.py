@@ -83,6 +83,7 @@ def _bad_values(tmp_path):
     plus = ["--moe-router-policy", "locmoe-plus"]
     return {
         "router_policy": (["--moe-router-policy", "locmoe-plus"], {}),  # needs a capacity factor
+        "router_kernel": (["--moe-router-kernel", "fused"], {"moe_router_score_function": "sigmoid"}),
         "ranks_per_node": (["--moe-ranks-per-node", "0"], {}),
         "ext_metrics_bytes_per_element": (["--moe-ext-metrics-bytes-per-element", "3"], {}),
         "run_log": (["--moe-ext-run-log", str(a_dir)], {}),

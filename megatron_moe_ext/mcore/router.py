@@ -73,11 +73,14 @@ class PolicyRouter(TopKRouter, IterationState):
 
     policy = "topk"
 
-    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, ext_cfg=None) -> None:
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         problem = policy_router_problem(config, self.policy)
         if problem:
             raise ValueError(problem)
+        from megatron_moe_ext.config import MoEExtConfig
+
+        self.ext_cfg = ext_cfg or MoEExtConfig(router_policy=self.policy)
         # The EP group is not kept by Router; locality- and placement-aware policies need it.
         self.ep_group = pg_collection.ep
         self.ep_size, self.ep_rank = get_pg_size(self.ep_group), get_pg_rank(self.ep_group)
@@ -146,6 +149,42 @@ class PolicyRouter(TopKRouter, IterationState):
             scaling_factor=self.config.moe_router_topk_scaling_factor,
             score_function=self.score_function, precomputed_indices=indices)
 
+    def fused_selection(self) -> Optional[dict]:
+        """The fused kernel's selection arguments for this forward ({} for plain top-k,
+        {"partners": [E, T]} for C2R, {"bias": [E]} for a selection bias), or None where the
+        policy's choice is not the kernel's (the default: Megatron's path)."""
+        return None
+
+    def _fused_args(self, padding_mask) -> Optional[dict]:
+        """fused_selection() when --moe-router-kernel fused covers this forward, else None."""
+        if getattr(self.ext_cfg, "router_kernel", "megatron") != "fused":
+            return None
+        covered = (self.score_function == "softmax" and padding_mask is None and self._excluded is None
+                   and self.router_replay is None and self.expert_bias is None
+                   and self.get_aux_loss_coeff("seq_aux_loss") == 0
+                   and self.get_aux_loss_coeff("global_aux_loss") == 0)
+        return self.fused_selection() if covered else None
+
+    def _apply_aux_loss_from_sums(self, probs: torch.Tensor, score_sums: torch.Tensor,
+                                  routing_map: torch.Tensor) -> torch.Tensor:
+        """Megatron's _apply_aux_loss (router.py) with the aux-loss scores' column sums [E] in
+        place of the scores [T, E]: its switch loss only sums them over tokens."""
+        from megatron.core.transformer.moe.moe_utils import (
+            get_tokens_per_expert_and_token_count,
+            switch_load_balancing_loss_func,
+        )
+
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        if coeff == 0:
+            return probs
+        tokens_per_expert, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+            routing_map=routing_map, reduce_group=self.tp_cp_group, topk=self.topk, with_padding_mask=False)
+        aux_loss = switch_load_balancing_loss_func(
+            probs=score_sums.unsqueeze(0), tokens_per_expert=tokens_per_expert, total_num_tokens=total_tokens,
+            topk=self.topk, num_experts=self.config.num_moe_experts, moe_aux_loss_coeff=coeff, fused=False)
+        return self.attach_and_log_load_balancing_loss(probs, coeff, aux_loss, "load_balancing_loss",
+                                                       self.tp_cp_group, valid_token_count=local_tokens)
+
     def extra_losses(self, probs: torch.Tensor, logits: torch.Tensor,
                      padding_mask: Optional[torch.Tensor],
                      scores_for_aux: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -164,8 +203,18 @@ class PolicyRouter(TopKRouter, IterationState):
             padding_mask = padding_mask.reshape(-1)
         # 1. z-loss, as Megatron
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
-        # 2. the policy's selection and Megatron's probabilities at it
-        probs, routing_map = self.select(logits)
+        # 2. the policy's selection and Megatron's probabilities at it (one kernel when fused)
+        fused = self._fused_args(padding_mask)
+        if fused is not None:
+            from megatron_moe_ext.kernels.fused_router import fused_select
+
+            probs, routing_map, indices, score_sums, _ = fused_select(
+                logits, self.topk, pre_softmax=self.config.moe_router_pre_softmax,
+                scaling_factor=self.config.moe_router_topk_scaling_factor, **fused)
+            if self.is_training_forward():
+                self.observe_selection(indices)
+        else:
+            probs, routing_map = self.select(logits)
         chosen_map = routing_map
         # 3. token dropping at the (policy's) capacity
         capacity_factor = self.capacity_factor(logits, routing_map)
@@ -179,7 +228,9 @@ class PolicyRouter(TopKRouter, IterationState):
         # 4. balance losses on the chosen routing, then the policy's own losses
         if self.training and torch.is_grad_enabled():
             scores_for_aux = None
-            if self.is_aux_loss_enabled():
+            if fused is not None:   # only the switch loss here (_fused_args checked the others)
+                probs = self._apply_aux_loss_from_sums(probs, score_sums, chosen_map)
+            elif self.is_aux_loss_enabled():
                 _, scores_for_aux = compute_routing_scores_for_aux_loss(
                     logits, self.topk, self.score_function, fused=self.config.moe_router_fusion,
                     padding_mask=padding_mask)
@@ -207,6 +258,9 @@ class TopKPolicyRouter(PolicyRouter):
         from megatron_moe_ext.routing.policies.topk import topk_select
 
         return topk_select(scores, self.topk)
+
+    def fused_selection(self) -> Optional[dict]:
+        return {}
 
 
 def _data_parallel_sum(router: TopKRouter, t: torch.Tensor) -> torch.Tensor:
@@ -296,6 +350,9 @@ class C2RRouter(PolicyRouter):
         if not self._warming_up():  # constrained (no warm-up, or it is over)
             return c2r_select(scores, self.topk, self.c2r_partners)
         return topk_select(scores, self.topk)
+
+    def fused_selection(self) -> Optional[dict]:
+        return {} if self._warming_up() else {"partners": self.c2r_partners}
 
     def observe_selection(self, indices: torch.Tensor) -> None:
         if self._coact is not None:  # warm-up: count co-activation of the training forwards
@@ -496,6 +553,14 @@ class LocMoERouter(PolicyRouter):
         # a device-side switch: no host sync per step
         return biased_scores(scores, mask, bias * self.locmoe_bias_on.to(scores.dtype))
 
+    def fused_selection(self) -> Optional[dict]:
+        if self.layout_ep:   # a bias per token (its emulated node): Megatron's path
+            return None
+        bias = self.ext_cfg.locmoe_local_bias
+        if not bias:
+            return {}
+        return {"bias": self.locality_mask.float() * (bias * self.locmoe_bias_on.float())}
+
     def extra_losses(self, probs, logits, padding_mask, scores_for_aux=None):
         from megatron_moe_ext.routing.locality import locality_kl
 
@@ -547,6 +612,9 @@ class LocMoEPlusRouter(LocMoERouter):
         super().__init__(config, pg_collection, is_mtp_layer, ext_cfg=ext_cfg)
         self.resonance_capacity = None   # tokens per expert once re-estimated
         self._last_aff_max = None        # [T] best affinity per token, last training forward
+
+    def fused_selection(self) -> Optional[dict]:
+        return None   # its own token and expert choice
 
     def select(self, logits):
         from megatron_moe_ext.routing.locality import affinity

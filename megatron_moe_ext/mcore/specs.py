@@ -62,11 +62,11 @@ def router_class_for(ext_cfg: MoEExtConfig) -> Optional[Callable]:
     adapter class); None keeps Megatron's own TopKRouter for plain top-k."""
     from megatron_moe_ext.routing.policies import get_policy
 
-    if ext_cfg.router_policy == "topk" and ext_cfg.scmoe != "dgmoe":
-        return None  # DGMoE's current pass excludes experts, which needs a PolicyRouter
+    if ext_cfg.router_policy == "topk" and ext_cfg.scmoe != "dgmoe" and ext_cfg.router_kernel == "megatron":
+        return None  # DGMoE's current pass excludes experts, and the fused kernel needs a PolicyRouter
     module, name = get_policy(ext_cfg.router_policy).router.split(":")
     cls = getattr(importlib.import_module(module), name)
-    return cls if ext_cfg.router_policy == "topk" else functools.partial(cls, ext_cfg=ext_cfg)
+    return functools.partial(cls, ext_cfg=ext_cfg)
 
 
 def replace_moe_submodules(block: Any, *, layer_cls: Optional[Callable] = None, **submodules: Any) -> Any:
