@@ -31,3 +31,18 @@ def test_dedup_equals_stock_alltoall(torchrun_json, nproc):
         assert c["dedup_rows"] == c["distinct_token_rank_pairs"], case
         assert c["dedup_rows"] <= c["stock_rows"], case
     assert r["top4"]["dedup_rows"] < 0.8 * r["top4"]["stock_rows"]
+
+
+def test_one_ep_rank_keeps_megatrons_dispatcher(megatron_cpu):
+    """At EP 1 every row stays on the rank: nothing to deduplicate, so DedupMoELayer keeps
+    Megatron's alltoall dispatcher (the same function, fewer host reads)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+    from megatron.core.transformer.spec_utils import get_submodules
+
+    from megatron_moe_ext.mcore.dispatch import DedupMoELayer
+
+    cfg = megatron_cpu.moe_config(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall")
+    subs = get_submodules(get_gpt_layer_local_submodules(num_experts=4, moe_grouped_gemm=False).mlp)
+    layer = DedupMoELayer(cfg, subs)
+    assert type(layer.token_dispatcher) is MoEAlltoAllTokenDispatcher

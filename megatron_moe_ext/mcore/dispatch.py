@@ -29,6 +29,7 @@ from megatron.core.transformer.moe.moe_utils import (
     unpermute,
 )
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from megatron.core.utils import get_pg_size
 
 from megatron_moe_ext.routing.dedup import local_slices, rank_rows
 
@@ -144,6 +145,11 @@ class DedupMoELayer(MoELayer):
         pg_collection = pg_collection or get_default_pg_collection()
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection,
                          is_mtp_layer=is_mtp_layer, name=name)
+        if get_pg_size(pg_collection.ep) == 1:
+            # One EP rank: a token's rows never leave it, so there is nothing to deduplicate, and
+            # Megatron's dispatcher computes the same function (the results study's top-k and
+            # top-k + dedup rows agree to the last digit) with fewer host reads: keep it.
+            return
         self.token_dispatcher = DedupAlltoAllTokenDispatcher(
             self.num_local_experts, self.local_expert_indices, config=config,
             pg_collection=pg_collection)
