@@ -116,6 +116,25 @@ def test_reference_is_megatrons_routing(pre, scale, c2r):
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9)
 
 
+def test_probabilities_in_the_logits_dtype():
+    """As Megatron's (probs.type_as(logits)): a bf16 router gives bf16 probabilities, computed
+    in float32 and rounded once; top-1 C2R needs no partners (T may be 0)."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    from megatron_moe_ext.kernels.fused_router import fused_select
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 16, generator=g).bfloat16()
+    probs, rmap = fused_select(x, 2)[:2]
+    m_probs, m_map = topk_routing_with_score_function(x, 2)
+    assert probs.dtype == torch.bfloat16 == m_probs.dtype
+    agree = (rmap == m_map).all(1)   # bf16 ties may pick the other expert
+    assert agree.float().mean() > 0.9
+    torch.testing.assert_close(probs[agree], m_probs[agree], rtol=0, atol=0)
+    one = fused_select(x.float(), 1, partners=torch.empty(16, 0, dtype=torch.long))
+    assert torch.equal(one[2][:, 0], x.float().argmax(1))
+
+
 def test_falls_back_to_the_reference_without_triton():
     """Without CUDA and without the interpreter (this process), the reference runs."""
     from megatron_moe_ext.kernels.fused_router import fused_select

@@ -125,17 +125,16 @@ def test_comm_volume_counts_from_the_recorded_sources(tmp_path, megatron_cpu, ca
     x = torch.randn(S, B, 16)
     src = r.token_sources(x)
     logits = torch.randn(S * B, 16) + 10.0 * r.locality_mask[src]
-    meta = dict(iteration=1, num_experts=16, topk=2, ep_size=1, ep_rank=0, ep_ranks_per_node=1)
+    meta = dict(iteration=1, num_experts=16, topk=2, ep_size=1, ep_rank=0, ep_ranks_per_node=4)
     save_trace(tmp_path / "with" / "routing_trace_iter0000001_rank00000.pt",
                {1: {"logits": logits, "layout_ep": 8, "layout_src": src}}, **meta)
     save_trace(tmp_path / "without" / "routing_trace_iter0000001_rank00000.pt", {1: logits}, **meta)
     assert load_trace(tmp_path / "with").layout_ep == 8 and load_trace(tmp_path / "without").layout_ep is None
     figures = {}
-    for name in ("with", "without"):
-        capsys.readouterr()
-        assert cli(["comm-volume", "--trace", str(tmp_path / name), "--ep", "8", "--ranks-per-node", "4",
-                    "--json"]) == 0
+    for name, rpn in (("with", []), ("without", ["--ranks-per-node", "4"])):
+        capsys.readouterr()   # the layout trace's nodes are its own (4 ranks per node) by default
+        assert cli(["comm-volume", "--trace", str(tmp_path / name), "--ep", "8", *rpn, "--json"]) == 0
         figures[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "source ranks its router emulated" in figures["with"]["source"]
-    assert figures["with"]["inter_node_rows_per_token"] == 0
+    assert figures["with"]["ranks_per_node"] == 4 and figures["with"]["inter_node_rows_per_token"] == 0
     assert 0.7 < figures["without"]["inter_node_rows_per_token"] < 1.3   # 2 rows, half on the other node

@@ -218,10 +218,11 @@ def _load_inputs(ns):
         src_of = {layer: tr.src_ep_rank[layer] for layer in tr.logits}
         if reinterpret:
             ep = ns.ep
-            rpn = _positive("--ranks-per-node", ns.ranks_per_node, ep)
-            if tr.layout_ep == ep:   # the run emulated EP ep: its tokens' sources are recorded
+            if tr.layout_ep == ep:   # the run emulated EP ep: its sources and nodes are recorded
+                rpn = _positive("--ranks-per-node", ns.ranks_per_node, tr.ep_ranks_per_node)
                 src_of = dict(tr.layout_src)
             else:
+                rpn = _positive("--ranks-per-node", ns.ranks_per_node, ep)
                 src_of = {layer: torch.arange(len(lg)) * ep // len(lg) for layer, lg in tr.logits.items()}
         layers = {layer: (tr.logits[layer], src_of[layer], tr.scoring[layer], tr.affinity[layer])
                   for layer in tr.logits}

@@ -22,7 +22,8 @@ Backward (probs and score_sums): for each t, with g = d/dprobs_t and G = d/dscor
   d x_t = s_t * (G - <G, s_t>) + [pre: s_t * (v - <v, s_t>), v = scale * g on the selection]
                                  [post: q_t * (u - <u, q_t>) on the selection, u = scale * g,
                                   q_t = probs_t / scale]
-Ties between equal keys may pick another expert than torch.topk (both are valid top-k choices).
+Ties between equal keys may pick another expert than torch.topk (both are valid top-k choices;
+frequent only with bf16 logits).
 """
 
 from __future__ import annotations
@@ -210,13 +211,20 @@ def fused_select(logits: torch.Tensor, topk: int, *, pre_softmax: bool = False,
                  scaling_factor: Optional[float] = None, bias: Optional[torch.Tensor] = None,
                  partners: Optional[torch.Tensor] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (probs [T, E] float32, routing_map [T, E] bool, indices [T, k] long,
-    score_sums [E] float32, tokens_per_expert [E] int): one Triton kernel each way on CUDA (and on
-    CPU under TRITON_INTERPRET=1), else `fused_select_reference`. `partners` LongTensor[E, P]
-    (P >= k-1) selects C2R's way; `bias` [E] is added to the ranking key only."""
-    if not use_triton(logits):
-        return fused_select_reference(logits, topk, pre_softmax=pre_softmax, scaling_factor=scaling_factor,
-                                      bias=bias, partners=partners)
+    """logits [T, E] -> (probs [T, E] in the logits' dtype, routing_map [T, E] bool, indices
+    [T, k] long, score_sums [E] float32, tokens_per_expert [E] int): one Triton kernel each way on
+    CUDA (and on CPU under TRITON_INTERPRET=1), else `fused_select_reference`; the math in float32.
+    `partners` LongTensor[E, P] (P >= k-1) selects C2R's way; `bias` [E] is added to the ranking
+    key only. Ties go to the lower expert index (torch.topk's order is unspecified): with bf16
+    router logits ties are common, so `--moe-router-dtype fp32` gives Megatron's choices exactly."""
     if partners is not None and partners.shape[1] < topk - 1:
         raise ValueError(f"C2R needs at least k-1 = {topk - 1} partners per expert, got {partners.shape[1]}.")
-    return _FusedSelect.apply(logits, topk, bool(pre_softmax), float(scaling_factor or 1.0), bias, partners)
+    if topk == 1:
+        partners = None   # C2R's top-1 is top-k's (and T may be 0)
+    if not use_triton(logits):
+        out = fused_select_reference(logits, topk, pre_softmax=pre_softmax, scaling_factor=scaling_factor,
+                                     bias=bias, partners=partners)
+    else:
+        out = _FusedSelect.apply(logits, topk, bool(pre_softmax), float(scaling_factor or 1.0), bias, partners)
+    # probabilities in the logits' dtype, as Megatron's (moe_utils: probs.type_as(logits))
+    return (out[0].to(logits.dtype),) + tuple(out[1:])
