@@ -157,7 +157,7 @@ class PolicyRouter(TopKRouter, IterationState):
 
     def _fused_args(self, padding_mask) -> Optional[dict]:
         """fused_selection() when --moe-router-kernel fused covers this forward, else None."""
-        if getattr(self.ext_cfg, "router_kernel", "megatron") != "fused":
+        if self.ext_cfg.router_kernel != "fused":
             return None
         covered = (self.score_function == "softmax" and padding_mask is None and self._excluded is None
                    and self.router_replay is None and self.expert_bias is None
