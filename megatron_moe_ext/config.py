@@ -58,9 +58,10 @@ class MoEExtConfig:
     router_kernel: Literal["megatron", "fused"] = _opt("megatron")
     """The router's selection: Megatron's routing functions, or fused: one Triton kernel each way
     for the softmax score, the policy's choice (top-k, C2R, LocMoE's bias), the probabilities and
-    the aux-loss statistics (kernels/fused_router.py). Settings it does not cover (another score
-    function, padding masks, routing replay, sequence/global aux losses, expert bias, LocMoE+,
-    DGMoE's exclusions, an emulated LocMoE layout) keep Megatron's path for that forward."""
+    the aux-loss statistics (kernels/fused_router.py). Refused at parsing with what it never
+    covers (another score function, expert bias, sequence/global aux losses, LocMoE+, an emulated
+    LocMoE layout); padding masks, routing replay and DGMoE's exclusions take Megatron's path
+    for that forward."""
 
     ranks_per_node: Optional[int] = _opt(None)
     """GPUs per node, for inter-node accounting and locality (default: LOCAL_WORLD_SIZE from the
