@@ -159,6 +159,14 @@ def plot(runs: Dict[str, List[dict]], records: List[dict], png_dir: str) -> List
 
     os.makedirs(png_dir, exist_ok=True)
     written = []
+
+    def save(name: str, fig) -> str:
+        path = os.path.join(png_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = plt.get_cmap("tab20").colors
     for i, name in enumerate(n for n in ROWS if n in runs):
@@ -178,11 +186,7 @@ def plot(runs: Dict[str, List[dict]], records: List[dict], png_dir: str) -> List
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("Validation loss per row (one H200, same data order)")
-    path = os.path.join(png_dir, "study_loss_curves.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save("study_loss_curves.png", fig))
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     points: Dict[tuple, List[str]] = {}
@@ -195,7 +199,7 @@ def plot(runs: Dict[str, List[dict]], records: List[dict], png_dir: str) -> List
         err = (r.get("delta_spread") or 0) / 2
         ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3)
         points.setdefault((round(x, 2), round(y, 3)), []).append(r["row"])
-    for i, ((x, y), names) in enumerate(sorted(points.items())):   # rows at one point share a label
+    for (x, y), names in sorted(points.items()):   # rows at one point share a label
         near = any(abs(x - x2) < 0.05 and abs(y - y2) < 0.02 for (x2, y2) in points if (x2, y2) < (x, y))
         ax.annotate(" = ".join(names), (x, y), fontsize=7, textcoords="offset points",
                     xytext=(4, -11) if near else (4, 3))
@@ -204,11 +208,7 @@ def plot(runs: Dict[str, List[dict]], records: List[dict], png_dir: str) -> List
     ax.set_ylabel("validation loss - top-k's (nats)")
     ax.grid(alpha=0.3)
     ax.set_title("Traffic against quality")
-    path = os.path.join(png_dir, "study_traffic_vs_quality.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save("study_traffic_vs_quality.png", fig))
     return written
 
 
