@@ -6,22 +6,17 @@
 #     --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2 pytest pluggy iniconfig packaging pygments
 # There, from the repository root (carry .whl):
 #   bash benchmarks/run_gpu_tests.sh [more pytest arguments]
-# It installs the wheels into /tmp/site unless megatron-core and pytest import already, runs
+# It installs the wheels into runs/wheel-site (benchmarks/wheel_env.sh) unless megatron-core and pytest import already, runs
 # `pytest -m gpu -rs tests/test_gpu_kernels.py`, and copies the log to $OUT when that is set.
 # Exit status: pytest's (0 only if every test passed or skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-site=/tmp/site
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import megatron.core, pytest" 2>/dev/null; then
-  compgen -G ".whl/*.whl" >/dev/null || {
-    echo "megatron-core or pytest is missing and there is no .whl/ folder: see the pip download line at the top of $0" >&2
-    exit 2
-  }
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
-fi
+# shellcheck source=benchmarks/wheel_env.sh
+source benchmarks/wheel_env.sh
+use_wheels megatron.core pytest
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', '| capability', torch.cuda.get_device_capability() if torch.cuda.is_available() else '-')"
-log=/tmp/gpu_tests.log
+mkdir -p runs
+log=runs/gpu_tests.log
 set +e
 python3 -m pytest -p no:cacheprovider -m gpu -rs -v tests/test_gpu_kernels.py "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}

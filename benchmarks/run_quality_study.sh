@@ -11,15 +11,9 @@
 # --skip-done skips finished rows); what is copied to $OUT is said below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-site=/tmp/site
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import megatron.core, sentencepiece" 2>/dev/null; then
-  compgen -G ".whl/*.whl" >/dev/null || {
-    echo "megatron-core or sentencepiece is missing and there is no .whl/ folder: see the top of $0" >&2
-    exit 2
-  }
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
-fi
+# shellcheck source=benchmarks/wheel_env.sh
+source benchmarks/wheel_env.sh
+use_wheels megatron.core sentencepiece
 out=runs/quality_study
 # what comes back (at most 8 files from $OUT): results.tar.gz (one JSON per run),
 # refreshed every 20 s so the runs finished before a cut-off still come back; the log; and at the
@@ -28,13 +22,13 @@ save_results() {
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT/quality_study"
   tar czf "$OUT/quality_study/results.tmp.tgz" -C "$out" results 2>/dev/null && mv "$OUT/quality_study/results.tmp.tgz" "$OUT/quality_study/results.tar.gz"
-  cp /tmp/quality_study.log "$OUT/quality_study/" 2>/dev/null || true
+  cp runs/quality_study.log "$OUT/quality_study/" 2>/dev/null || true
 }
 mkdir -p "$out/results"
 ( while sleep 20; do save_results; done ) &
 saver=$!
 set +e
-python3 benchmarks/quality_study.py --data data/study/prepared --out "$out" --skip-done "$@" 2>&1 | tee -a /tmp/quality_study.log
+python3 benchmarks/quality_study.py --data data/study/prepared --out "$out" --skip-done "$@" 2>&1 | tee -a runs/quality_study.log
 rc=${PIPESTATUS[0]}
 set -e
 kill "$saver" 2>/dev/null || true
