@@ -2,7 +2,8 @@
 and router-weight gradient (through the probabilities and the attached switch loss) as Megatron's
 own TopKRouter for top-k, and as the unfused plugin router for C2R and LocMoE's bias; in this
 process the kernel's torch reference runs (no CUDA), in a child process under TRITON_INTERPRET=1
-the Triton kernels themselves. Tolerance 1e-5 relative (float32, another order of the sums)."""
+the Triton kernels themselves. Tolerance 1e-5 relative (float32, another order of the sums), and
+1e-6 absolute on the router-weight gradient."""
 
 import functools
 import os
@@ -24,6 +25,7 @@ def _routers(common, policy: str):
     from megatron_moe_ext.mcore.router import C2RRouter, LocMoERouter, TopKPolicyRouter
 
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    torch.manual_seed(0)   # the router weights: the same case every run
     cfg = common.moe_config(num_moe_experts=16, moe_router_topk=2, moe_aux_loss_coeff=1e-2,
                             moe_router_pre_softmax=policy == "locmoe", moe_router_topk_scaling_factor=None)
     pg = get_default_pg_collection()
@@ -59,7 +61,8 @@ def check(common, policy: str) -> None:
         out[name] = (probs.detach(), rmap, r.weight.grad.clone())
     assert torch.equal(out["fused"][1], out["plain"][1]), policy
     torch.testing.assert_close(out["fused"][0], out["plain"][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["fused"][2], out["plain"][2], rtol=1e-5, atol=1e-7)
+    # gradients of size ~1e-2, float32 sums over 96 tokens in another order
+    torch.testing.assert_close(out["fused"][2], out["plain"][2], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["topk", "c2r", "locmoe"])

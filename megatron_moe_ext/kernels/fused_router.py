@@ -33,19 +33,10 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_moe_ext.kernels.triton_support import tl, triton, use_triton
+from megatron_moe_ext.routing.policies.c2r import c2r_select
+from megatron_moe_ext.routing.policies.topk import topk_select
 
 BLOCK_T = 16   # tokens per program
-
-
-def _selection_reference(key: torch.Tensor, topk: int, partners: Optional[torch.Tensor]) -> torch.Tensor:
-    if partners is None:
-        return key.topk(topk, dim=1).indices
-    top1 = key.argmax(dim=1)
-    if topk == 1:
-        return top1.unsqueeze(1)
-    cand = partners.to(key.device).long()[top1]
-    best = key.gather(1, cand).topk(topk - 1, dim=1).indices
-    return torch.cat([top1.unsqueeze(1), cand.gather(1, best)], dim=1)
 
 
 def fused_select_reference(logits: torch.Tensor, topk: int, *, pre_softmax: bool = False,
@@ -57,7 +48,8 @@ def fused_select_reference(logits: torch.Tensor, topk: int, *, pre_softmax: bool
     s = torch.softmax(x, dim=-1)
     with torch.no_grad():
         key = (s if pre_softmax else x) + (0 if bias is None else bias.float())
-        idx = _selection_reference(key, topk, partners)
+        # the policies' own selection (routing/policies): what the kernel must reproduce
+        idx = topk_select(key, topk) if partners is None else c2r_select(key, topk, partners.long())
     sel = torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx, True)
     if pre_softmax:
         probs = s * sel
