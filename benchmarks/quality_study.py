@@ -50,7 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -447,9 +447,32 @@ def resolve_data(args) -> dict:
     return data
 
 
+def parse_runs(rows: str, seeds: str) -> List[Tuple[str, int]]:
+    """--rows and --seeds -> the (row, seed) runs, seed by seed in --rows order. An entry
+    `row@seed` runs that row for that seed only (several seeds' rows in one call); a plan row's
+    seed gets its top-k run first (the plan starts from that run's checkpoint)."""
+    default_seeds = [int(s) for s in seeds.split(",") if s]
+    entries = []
+    for entry in (r for r in rows.split(",") if r):
+        name, _, seed = entry.partition("@")
+        if name not in ROWS:
+            raise ValueError(f"unknown row {name!r} in --rows; choose from {list(ROWS)}")
+        if seed and not seed.isdigit():
+            raise ValueError(f"--rows entry {entry!r}: the seed after @ must be an integer")
+        entries.append((name, [int(seed)] if seed else default_seeds))
+    runs = []
+    for seed in dict.fromkeys(s for _, ss in entries for s in ss):
+        mine = [name for name, ss in entries if seed in ss]
+        if any(ROWS[n][2] == "plan" for n in mine) and "topk" not in mine:
+            mine.insert(0, "topk")
+        runs += [(name, seed) for name in dict.fromkeys(mine)]
+    return runs
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {list(ROWS)}")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                    help=f"comma-separated, from {list(ROWS)}; `row@seed` runs a row for that seed only")
     ap.add_argument("--seeds", default="1234", help="comma-separated seeds; every row runs once per seed")
     ap.add_argument("--tokens", type=int, default=None,
                     help="training tokens per run (default 16,777,216 on GPU: 512 iterations of 32x1024; "
@@ -472,25 +495,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.tokens is None:
         args.tokens = 2048 * 4 if args.tiny else 16 * 1024 * 1024
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        ap.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    if any(ROWS[r][2] == "plan" for r in rows) and "topk" not in rows:
-        rows.insert(0, "topk")   # the plan rows start from the top-k run's checkpoint
-    args.row_list = rows
+    try:
+        todo_all = parse_runs(args.rows, args.seeds)
+    except ValueError as e:
+        ap.error(str(e))
+    args.row_list = list(dict.fromkeys(name for name, _ in todo_all))
     os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
     data = resolve_data(args)
     todo = []
-    for seed in seeds:
-        for name in rows:
-            done = os.path.join(args.out, "results", f"{name}_s{seed}.json")
-            if args.skip_done and os.path.exists(done) and json.load(open(done)).get("completed"):
-                if name != "topk" or os.path.isdir(os.path.join(args.out, "runs", f"topk_s{seed}", "ckpt")):
-                    print(f"[quality_study] {name} seed {seed}: done before, skipped", flush=True)
-                    continue
-            todo.append((name, seed))
+    for name, seed in todo_all:
+        done = os.path.join(args.out, "results", f"{name}_s{seed}.json")
+        if args.skip_done and os.path.exists(done) and json.load(open(done)).get("completed"):
+            if name != "topk" or os.path.isdir(os.path.join(args.out, "runs", f"topk_s{seed}", "ckpt")):
+                print(f"[quality_study] {name} seed {seed}: done before, skipped", flush=True)
+                continue
+        todo.append((name, seed))
     run_all(todo, args, data)
     # the summary covers every run in --out (earlier invocations' too), in row order, then seed
     order = {n: i for i, n in enumerate(ROWS)}

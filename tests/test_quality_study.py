@@ -12,11 +12,10 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.dist
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.dist
 def test_quality_study_cpu_tiny(tmp_path):
     from megatron_moe_ext.training.data import SHIPPED_CORPUS, PrepareDataConfig, prepare_data
 
@@ -54,3 +53,24 @@ def test_quality_study_cpu_tiny(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [r["row"] for r in summary["results"]] == ["topk", "c2r-warmup-t1"]
     assert (out / "summary.md").read_text().startswith("| row | seed |")
+
+
+@pytest.mark.parametrize("rows,seeds,want", [
+    ("topk,c2r-warmup-t1", "1,2", [("topk", 1), ("c2r-warmup-t1", 1), ("topk", 2), ("c2r-warmup-t1", 2)]),
+    ("c2r-plan-t3", "5", [("topk", 5), ("c2r-plan-t3", 5)]),
+    ("locmoe@2,c2r-plan-t1,scmoe-pos2@2", "1", [("locmoe", 2), ("scmoe-pos2", 2), ("topk", 1), ("c2r-plan-t1", 1)]),
+])
+def test_parse_runs_row_at_seed(rows, seeds, want):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from quality_study import parse_runs
+
+    assert parse_runs(rows, seeds) == want
+
+
+@pytest.mark.parametrize("rows", ["nope", "topk@x"])
+def test_parse_runs_rejects(rows):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from quality_study import parse_runs
+
+    with pytest.raises(ValueError):
+        parse_runs(rows, "1")
