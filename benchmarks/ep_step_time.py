@@ -72,6 +72,7 @@ A2A_OVERLAP = ["--overlap-moe-expert-parallel-comm"]
 C2R_DEDUP = ["--moe-router-policy", "c2r", "--moe-dedup-dispatch"]
 FP8 = ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]
 TOP4 = ["--moe-router-topk", "4"]
+ROUTER_KERNEL = ["--moe-router-kernel", "fused"]
 SHARED = ["--moe-router-topk", "3", "--moe-shared-expert-intermediate-size", "FFN", "--moe-shared-expert-gate"]
 
 # name -> (group, flags, needs): needs is a subset of {"te", "cuda"}. Every row's experts are
@@ -92,8 +93,15 @@ ROWS: Dict[str, tuple] = {
     "shared stock +a2a overlap": ("b", SHARED + TE_FUSIONS + A2A_OVERLAP, {"te", "cuda"}),
     "scmoe pos1": ("b", SHARED + TE_FUSIONS + ["--moe-scmoe", "pos1"], {"te"}),
     "scmoe pos1 +c2r +dedup": ("b", SHARED + TE_FUSIONS + ["--moe-scmoe", "pos1"] + C2R_DEDUP, {"te"}),
+    # group h, without TE (one GPU: the host waits): Megatron's router and dispatcher with the
+    # torch experts (--moe-ep1-host-splits), stock SequentialMLP, and the plugin's sync-free layer
+    "h stock sequential experts": ("h", TOP4 + ["--moe-expert-backend", "sequential"], set()),
+    "h stock": ("h", TOP4 + ["--moe-ep1-host-splits"], set()),
+    "h device-splits": ("h", TOP4, set()),
+    "h device-splits +router kernel": ("h", TOP4 + ROUTER_KERNEL, {"cuda"}),
+    "h c2r +dedup +router kernel": ("h", TOP4 + C2R_DEDUP + ROUTER_KERNEL, {"cuda"}),
 }
-BASELINE = {"a": "stock", "b": "shared stock", "f": "stock fp8"}
+BASELINE = {"a": "stock", "b": "shared stock", "f": "stock fp8", "h": "h stock"}
 
 
 def have(what: str) -> bool:
@@ -119,6 +127,15 @@ def row_flags(name: str, args) -> List[str]:
     return [{"FFN": ffn, "HALF": str(max(1, args.nproc // 2))}.get(f, f) for f in flags]
 
 
+def run_flags(name: str, args) -> List[str]:
+    """The model's flags and the row's; SequentialMLP is Megatron's experts without --moe-grouped-gemm."""
+    row = row_flags(name, args)
+    model = model_flags(args)
+    if "sequential" in row:
+        model = [f for f in model if f != "--moe-grouped-gemm"]
+    return model + row
+
+
 def parse_step_times(log: str) -> Dict[int, float]:
     return {int(m.group(1)): float(m.group(2)) for m in ITER_RE.finditer(log)}
 
@@ -130,7 +147,7 @@ def run_row(name: str, args, workdir: str) -> dict:
     iters = prof_start + args.profile_steps
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
            "--master-port", str(args.port), "-m", "megatron_moe_ext.training.pretrain_gpt",
-           *model_flags(args), *row_flags(name, args), "--train-iters", str(iters),
+           *run_flags(name, args), "--train-iters", str(iters),
            "--moe-ext-run-log", os.path.join(rundir, "run.jsonl")]
     if not args.cpu:
         cmd += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(prof_start),
@@ -197,8 +214,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--out", default="runs/ep_step_time")
-    ap.add_argument("--group", choices=("a", "b", "f", "all"), default="all",
-                    help="a: every-layer MoE top-4; b: shared expert + top-3 (ScMoE); f: FP8")
+    ap.add_argument("--group", choices=("a", "b", "f", "h", "all"), default="all",
+                    help="a: every-layer MoE top-4; b: shared expert + top-3 (ScMoE); f: FP8; "
+                         "h: one GPU without TE, host waits (stock vs the device-splits layer)")
     ap.add_argument("--experts", choices=("torch", "te"), default="torch",
                     help="expert backend of every row not named `te experts`")
     ap.add_argument("--rows", default=None, help="comma-separated row names (default: the group's)")

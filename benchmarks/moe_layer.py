@@ -20,6 +20,13 @@ fresh random tensors. Rows:
                        over several micro-batches approaches)
   router topk/c2r/locmoe   the router alone, fwd+bwd, same inputs (and `unfused` with TE)
   router .. kernel         the same with --moe-router-kernel fused (kernels/fused_router.py)
+  floor                the expert GEMMs alone: torch._grouped_mm BF16 fwd+bwd, rows split evenly
+  torch bf16 device-splits [+router kernel] [, cuda graph]   the layer as the plugin runs it at
+                       EP = 1 (mcore/device_splits.py: counts on the device, no host wait), with
+                       Megatron's router or the fused kernel, eager or forward+backward captured in
+                       one CUDA graph and replayed; `c2r ...` the same with C2R's router
+Columns also: x floor, and with --kernels the kernel-time sum per step over the wall time (the
+fraction of the step the GPU is busy).
 Columns: ms, TFLOP/s of the expert GEMMs (6 x tokens x k x h x ffn x (3 for GLU else 2)), the
 fraction of a BF16 8192^3 matmul's rate measured in the same run, and a breakdown: router,
 experts module alone (on pre-permuted tokens), and the rest (permute, unpermute, aux loss).
@@ -79,8 +86,9 @@ def config(shape, fp8_recipe=None, fused=None, padding=False):
         bias_activation_fusion=shape["glu"], moe_permute_fusion=fused, moe_router_fusion=fused)
 
 
-def build(shape, experts: str, router=None, fused=None):
-    """experts: a row name of the table (see the module doc)."""
+def build(shape, experts: str, router=None, fused=None, layer_cls=None):
+    """experts: a row name of the table (see the module doc); layer_cls: MoELayer (default) or a
+    plugin subclass."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_submodules,
         get_gpt_layer_with_transformer_engine_submodules,
@@ -105,7 +113,7 @@ def build(shape, experts: str, router=None, fused=None):
         kw["experts"] = TorchFP8GroupedMLP
     if router is not None:
         kw["router"] = router
-    layer = MoELayer(cfg, type(subs)(**{"experts": subs.experts, "router": subs.router, **kw})).cuda()
+    layer = (layer_cls or MoELayer)(cfg, type(subs)(**{"experts": subs.experts, "router": subs.router, **kw})).cuda()
     layer.bench_ctx = fp8_context(cfg)
     layer.bench_new_step = experts == "torch fp8"  # requantize the weights every iteration
     return layer
@@ -142,6 +150,59 @@ def layer_step(layer, pool):
         with layer.bench_ctx():
             y, _ = layer(x)
         y.backward(dy)
+    return step
+
+
+def floor_step(shape, tokens: int):
+    """The floor: the expert GEMMs alone, torch._grouped_mm BF16 forward and backward (dgrad and
+    wgrad) of fc1 and fc2 with tokens x topk rows split evenly over the experts; fc2 reads its own
+    input, so nothing but the six GEMMs runs."""
+    e, k, h, f = shape["experts"], shape["topk"], shape["hidden"], shape["ffn"]
+    rows = tokens * k
+    fc1_out = 2 * f if shape["glu"] else f
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x1 = torch.randn(rows, h, **bf, requires_grad=True)
+    x2 = torch.randn(rows, f, **bf, requires_grad=True)
+    w1 = torch.randn(e, fc1_out, h, **bf, requires_grad=True)
+    w2 = torch.randn(e, h, f, **bf, requires_grad=True)
+    offs = torch.arange(1, e + 1, device="cuda", dtype=torch.int32) * (rows // e)
+    offs[-1] = rows
+    dy1, dy2 = torch.randn(rows, fc1_out, **bf), torch.randn(rows, h, **bf)
+
+    def step(i):
+        y1 = torch._grouped_mm(x1, w1.transpose(-2, -1), offs=offs)
+        y2 = torch._grouped_mm(x2, w2.transpose(-2, -1), offs=offs)
+        torch.autograd.backward((y1, y2), (dy1, dy2))
+    return step
+
+
+def graphed_layer_step(layer, pool):
+    """The layer's forward and backward captured once in a CUDA graph (static input, output and
+    gradient buffers), then replayed: each step copies the next input in and replays. Needs a layer
+    that reads nothing to the host (the device-splits dispatcher, a sync-free router)."""
+    x_static = pool[0][0].detach().clone().requires_grad_(True)
+    dy_static = pool[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up off the capture stream, as torch.cuda.graphs advises
+        for _ in range(3):
+            layer.zero_grad(set_to_none=True)
+            y, _ = layer(x_static)
+            y.backward(dy_static)
+    torch.cuda.current_stream().wait_stream(side)
+    layer.zero_grad(set_to_none=True)
+    x_static.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):   # the gradients are allocated, and refilled on replay, in the graph
+        y, _ = layer(x_static)
+        y.backward(dy_static)
+
+    def step(i):
+        x, dy = pool[i % len(pool)]
+        x_static.data.copy_(x)
+        dy_static.copy_(dy)
+        graph.replay()
+    step.outputs = (y, x_static)
     return step
 
 
@@ -207,7 +268,7 @@ def kernel_breakdown(step, steps: int = 5) -> dict:
         classes[cls] = classes.get(cls, 0.0) + us / 1e3 / steps
         kernels[evt.key[:80]] = us / 1e3 / steps
     top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:5])
-    return {"classes_ms": classes, "top_kernels_ms": top}
+    return {"classes_ms": classes, "top_kernels_ms": top, "kernel_sum_ms": sum(classes.values())}
 
 
 def check_against_reference(ref, layer, x) -> float:
@@ -218,6 +279,59 @@ def check_against_reference(ref, layer, x) -> float:
         with layer.bench_ctx():
             y, _ = layer(x)
     return ((y.float() - y_ref.float()).abs().max() / y_ref.float().abs().max()).item()
+
+
+# name -> (routing policy, fused router kernel, CUDA graph); every row: the torch BF16 experts
+# in DeviceSplitsMoELayer (mcore/device_splits.py: the counts stay on the device at EP = 1)
+PLUGIN_LAYERS = {
+    "torch bf16 device-splits": ("topk", False, False),
+    "torch bf16 device-splits +router kernel": ("topk", True, False),
+    "torch bf16 device-splits, cuda graph": ("topk", False, True),
+    "torch bf16 device-splits +router kernel, cuda graph": ("topk", True, True),
+    "c2r torch bf16 device-splits +router kernel": ("c2r", True, False),
+    "c2r torch bf16 device-splits +router kernel, cuda graph": ("c2r", True, True),
+}
+
+
+def plugin_layer_rows(shape, stock, pool, args) -> dict:
+    """The layer as the plugin runs it at EP = 1, eager and captured in a CUDA graph. A graph row
+    also records how far its replayed output is from the eager layer's on the same input."""
+    from megatron_moe_ext.config import MoEExtConfig
+    from megatron_moe_ext.mcore.device_splits import DeviceSplitsMoELayer
+    from megatron_moe_ext.mcore.router import C2RRouter, TopKPolicyRouter
+
+    rows = {}
+    for label, (policy, kernel, graphed) in PLUGIN_LAYERS.items():
+        row = {}
+        try:
+            router = None
+            if policy != "topk" or kernel:
+                cls = C2RRouter if policy == "c2r" else TopKPolicyRouter
+                router = functools.partial(cls, ext_cfg=MoEExtConfig(
+                    router_policy=policy, router_kernel="fused" if kernel else "megatron"))
+            layer = build(shape, "torch bf16", router=router, fused=False, layer_cls=DeviceSplitsMoELayer)
+            copy_weights(stock, layer)
+            row["rel_err_vs_stock"] = check_against_reference(stock, layer, pool[0][0])
+            if graphed:
+                step = graphed_layer_step(layer, pool)
+                step(0)
+                torch.cuda.synchronize()
+                y_graph = step.outputs[0].detach().clone()
+                with torch.no_grad():
+                    y_eager, _ = layer(pool[0][0])
+                row["graph_vs_eager"] = ((y_graph.float() - y_eager.float()).abs().max()
+                                         / y_eager.float().abs().max()).item()
+            else:
+                step = layer_step(layer, pool)
+            row["ms"] = median_ms(step, args.iters, args.warmup)
+            if args.kernels:
+                row["kernels"] = kernel_breakdown(step)
+        except Exception as e:  # keep the other rows; the error goes into the table
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows[label] = row
+        layer = step = None
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
@@ -271,8 +385,6 @@ def main() -> None:
                 row["rest_ms"] = row["ms"] - row["experts_ms"] - row["router_ms"]
                 if args.kernels:
                     row["kernels"] = kernel_breakdown(layer_step(layer, pool))
-                row["tflops"] = flops / row["ms"] / 1e9
-                row["peak_fraction"] = row["tflops"] / peak
             except Exception as e:  # keep the other rows; the error goes into the table
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             finally:
@@ -288,6 +400,8 @@ def main() -> None:
                 try:
                     layer = build(shape, "torch bf16", router=router, fused=fused)
                     rows[label] = {"router_ms": median_ms(router_step(layer, pool), args.iters, args.warmup)}
+                    if args.kernels:
+                        rows[label]["kernels"] = kernel_breakdown(router_step(layer, pool))
                     del layer
                 except Exception as e:
                     rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
@@ -298,29 +412,41 @@ def main() -> None:
                 router = functools.partial(cls, ext_cfg=MoEExtConfig(router_policy=policy, router_kernel="fused"))
                 layer = build(shape, "torch bf16", router=router, fused=False)
                 rows[label] = {"router_ms": median_ms(router_step(layer, pool), args.iters, args.warmup)}
+                if args.kernels:
+                    rows[label]["kernels"] = kernel_breakdown(router_step(layer, pool))
                 del layer
             except Exception as e:
                 rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        rows["floor"] = {"ms": median_ms(floor_step(shape, args.tokens), args.iters, args.warmup)}
+        rows.update(plugin_layer_rows(shape, stock, pool, args))
+        for v in rows.values():
+            if "ms" in v:
+                v["tflops"] = flops / v["ms"] / 1e9
+                v["peak_fraction"] = v["tflops"] / peak
+                v["x_floor"] = v["ms"] / rows["floor"]["ms"]
+            if "kernels" in v:   # the fraction of the step the GPU is busy (kernel-time sum / wall)
+                v["gpu_busy"] = v["kernels"]["kernel_sum_ms"] / v.get("ms", v.get("router_ms"))
         results["shapes"][name] = rows
+        with open(args.json, "w") as fh:   # after every shape: a cut-off run keeps what it measured
+            json.dump(results, fh, indent=1)
         del stock
         torch.cuda.empty_cache()
         print(f"\n{name}, {args.tokens} tokens, fwd+bwd, median of {args.iters}")
-        print(f"{'row':<42}{'ms':>9}{'TFLOP/s':>9}{'peak':>7}{'router':>8}{'experts':>9}{'rest':>8}{'err':>9}")
+        print(f"{'row':<52}{'ms':>8}{'x floor':>8}{'TFLOP/s':>8}{'peak':>7}{'router':>8}{'experts':>8}"
+              f"{'rest':>7}{'busy':>6}{'err':>9}")
         for r, v in rows.items():
             if "error" in v:
-                print(f"{r:<42} {v['error']}")
-            elif "ms" in v:
-                print(f"{r:<42}{v['ms']:>9.2f}{v['tflops']:>9.0f}{v['peak_fraction']:>7.1%}{v['router_ms']:>8.2f}"
-                      f"{v['experts_ms']:>9.2f}{v['rest_ms']:>8.2f}{v.get('rel_err_vs_stock', 0):>9.1e}")
-            else:
-                print(f"{r:<42}{'':>9}{'':>9}{'':>7}{v['router_ms']:>8.2f}")
+                print(f"{r:<52} {v['error']}")
+                continue
+            cell = lambda key, fmt, w: (format(v[key], fmt) if v.get(key) is not None else "").rjust(w)  # noqa: E731
+            print(f"{r:<52}{cell('ms', '.2f', 8)}{cell('x_floor', '.2f', 8)}{cell('tflops', '.0f', 8)}"
+                  f"{cell('peak_fraction', '.1%', 7)}{cell('router_ms', '.2f', 8)}{cell('experts_ms', '.2f', 8)}"
+                  f"{cell('rest_ms', '.2f', 7)}{cell('gpu_busy', '.0%', 6)}{cell('rel_err_vs_stock', '.1e', 9)}")
         if args.kernels:
             print("GPU kernel time per step by class (ms):")
             for r, v in rows.items():
                 if "kernels" in v:
                     print(f"  {r:<40}" + "  ".join(f"{c} {t:.2f}" for c, t in sorted(v["kernels"]["classes_ms"].items())))
-    with open(args.json, "w") as fh:
-        json.dump(results, fh, indent=1)
 
 
 if __name__ == "__main__":

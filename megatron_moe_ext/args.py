@@ -114,6 +114,10 @@ def check_with_megatron(cfg: MoEExtConfig, a: Any) -> None:
         from megatron_moe_ext.mcore.scmoe_spec import scmoe_problem
 
         problems.append(scmoe_problem(cfg.scmoe, a, topk))
+    if cfg.ep1_host_splits and cfg.expert_backend != "torch":
+        problems.append("--moe-ep1-host-splits chooses the dispatcher of --moe-expert-backend torch "
+                        "on one EP rank (other experts always split on the host); add "
+                        "--moe-expert-backend torch or drop --moe-ep1-host-splits.")
     if cfg.expert_backend is not None:
         from megatron_moe_ext.experts import expert_backend_problem
 

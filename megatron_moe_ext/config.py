@@ -144,6 +144,11 @@ class MoEExtConfig:
     dedup_dispatch: bool = _opt(False)
     """Send each token once per destination EP rank instead of once per expert."""
 
+    ep1_host_splits: bool = _opt(False)
+    """On one EP rank with --moe-expert-backend torch, keep Megatron's dispatcher, which copies the
+    tokens per expert to the host and waits for them in every MoE layer, instead of the plugin's
+    device-splits dispatcher (the same function, no host wait); for comparisons."""
+
     expert_backend: Optional[str] = _opt(None, choices=EXPERT_BACKENDS)
     """Routed experts: te (Megatron's TEGroupedMLP), torch (the plugin's torch._grouped_mm
     experts, FP8 GEMMs under --fp8-format; no TE needed), sequential (Megatron's SequentialMLP).

@@ -122,6 +122,12 @@ def test_every_plugin_flag_has_a_parse_time_refusal(tmp_path):
         assert hasattr(_parse(), flag_attr(f))
 
 
+def test_a_switch_without_its_backend_is_refused():
+    assert "--moe-expert-backend torch" in _refused("--moe-ep1-host-splits")
+    moe_ext_config_from_args(_parse("--moe-ep1-host-splits", "--moe-expert-backend", "torch"),
+                             exit_on_error=False)
+
+
 # --- 5: NaN and inf in every verb's float flags -------------------------------------------------
 
 # the arguments each verb with float flags needs besides the flag under test

@@ -40,7 +40,9 @@ class _Stacked(torch.nn.Module):
 class TorchGroupedMLP(MegatronModule):
     """Megatron experts module: (tokens [T, h] permuted by expert, tokens_per_expert [E_local],
     probs [T]) -> (out [T, h], None). fc1: [E_local, F or 2F (GLU: gate then up), h];
-    fc2: [E_local, h, F]."""
+    fc2: [E_local, h, F]. tokens_per_expert may live on the host or the device."""
+
+    counts_on_device = True  # mcore/device_splits.py: the dispatcher may skip its host copy
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None,
                  name: Optional[str] = None) -> None:

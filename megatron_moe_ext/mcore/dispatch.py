@@ -22,7 +22,6 @@ from typing import List, Optional
 
 import torch
 from megatron.core.tensor_parallel.mappings import all_to_all
-from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import (
     get_default_pg_collection,
     permute,
@@ -31,6 +30,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.utils import get_pg_size
 
+from megatron_moe_ext.mcore.device_splits import DeviceSplitsMoELayer
 from megatron_moe_ext.routing.dedup import local_slices, rank_rows
 
 
@@ -130,25 +130,24 @@ class DedupAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return out.view(self.hidden_shape)
 
 
-class DedupMoELayer(MoELayer):
-    """MoELayer whose token dispatcher is DedupAlltoAllTokenDispatcher.
+class DedupMoELayer(DeviceSplitsMoELayer):
+    """MoELayer whose token dispatcher is DedupAlltoAllTokenDispatcher on more than one EP rank.
 
-    Megatron chooses dispatchers with a fixed if/elif on `moe_token_dispatcher_type`, so this
-    keeps "alltoall" for the base constructor and swaps the dispatcher afterwards."""
+    On one EP rank a token's rows never leave it, so there is nothing to deduplicate: the layer
+    keeps DeviceSplitsMoELayer's choice (its sync-free dispatcher where it applies, else
+    Megatron's), which computes the same function (the results study's top-k and top-k + dedup
+    rows agree to the last digit)."""
 
     def __init__(self, config, submodules=None, layer_number: Optional[int] = None,
-                 pg_collection=None, is_mtp_layer: bool = False, name: Optional[str] = None):
+                 pg_collection=None, is_mtp_layer: bool = False, name: Optional[str] = None,
+                 device_splits: bool = True):
         problem = dedup_problem(config)
         if problem:
             raise ValueError(problem)
-        # resolved once, as MoELayer would, so that both dispatchers share the layer's groups
         pg_collection = pg_collection or get_default_pg_collection()
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection,
-                         is_mtp_layer=is_mtp_layer, name=name)
+                         is_mtp_layer=is_mtp_layer, name=name, device_splits=device_splits)
         if get_pg_size(pg_collection.ep) == 1:
-            # One EP rank: a token's rows never leave it, so there is nothing to deduplicate, and
-            # Megatron's dispatcher computes the same function (the results study's top-k and
-            # top-k + dedup rows agree to the last digit) with fewer host reads: keep it.
             return
         self.token_dispatcher = DedupAlltoAllTokenDispatcher(
             self.num_local_experts, self.local_expert_indices, config=config,

@@ -36,11 +36,7 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
                          "megatron_moe_ext.training.plugin.configure_model binds it.")
     block = default_layer_spec(model_cfg, vp_stage)
     router_cls = router_class_for(ext_cfg)
-    layer_cls = None
-    if ext_cfg.dedup_dispatch:
-        from megatron_moe_ext.mcore.dispatch import DedupMoELayer
-
-        layer_cls = DedupMoELayer
+    layer_cls = moe_layer_class_for(ext_cfg)
     subs = {} if router_cls is None else {"router": router_cls}
     if ext_cfg.expert_backend == "torch":
         from megatron_moe_ext.experts import torch_experts
@@ -55,6 +51,24 @@ def moe_ext_decoder_block_spec(model_cfg: Any, vp_stage: Optional[int] = None,
             raise ValueError("--moe-scmoe needs a decoder block spec (per-layer specs), not one layer spec.")
         block = apply_scmoe(block, ext_cfg, model_cfg.transformer, vp_stage)
     return block
+
+
+def moe_layer_class_for(ext_cfg: MoEExtConfig) -> Optional[Callable]:
+    """The MoE layer builder: DedupMoELayer for --moe-dedup-dispatch, DeviceSplitsMoELayer for the
+    torch experts (no host wait on one EP rank; --moe-ep1-host-splits keeps Megatron's
+    dispatcher there); None keeps Megatron's MoELayer."""
+    layer_cls = None
+    if ext_cfg.dedup_dispatch:
+        from megatron_moe_ext.mcore.dispatch import DedupMoELayer
+
+        layer_cls = DedupMoELayer
+    elif ext_cfg.expert_backend == "torch":
+        from megatron_moe_ext.mcore.device_splits import DeviceSplitsMoELayer
+
+        layer_cls = DeviceSplitsMoELayer
+    if layer_cls is not None and ext_cfg.ep1_host_splits:
+        layer_cls = functools.partial(layer_cls, device_splits=False)
+    return layer_cls
 
 
 def router_class_for(ext_cfg: MoEExtConfig) -> Optional[Callable]:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 16's measurements in one call of the lent one-GPU machine (carry .whl: megatron-core and
+# pytest wheels, see benchmarks/run_gpu_tests.sh), in order of what matters most, each step under
+# its own time limit so that a slow step cannot cost the others:
+#   1. the compiled kernels against their references: fused router, CUDA-graphed layer (pytest -m gpu)
+#   2. benchmarks/moe_layer.py: every row of the layer table beside the floor, kernel-time sums
+#   3. benchmarks/ep_step_time.py --nproc 1 --group h: the one-GPU training step, stock vs plugin
+# There, from the repository root:
+#   bash benchmarks/run_layer_speed.sh            (limits: LIMIT_TESTS LIMIT_LAYER LIMIT_STEP, seconds)
+# Everything lands in $OUT/layer_speed (or runs/layer_speed): logs and JSON.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=benchmarks/wheel_env.sh
+source benchmarks/wheel_env.sh
+use_wheels megatron.core pytest
+out="${OUT:-runs}/layer_speed"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$out/gpu.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
+
+timeout "${LIMIT_TESTS:-150}" python3 -m pytest -p no:cacheprovider -m gpu -rs -q \
+  tests/test_gpu_kernels.py tests/test_gpu_cuda_graph.py -k "fused_router or graph" > "$out/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?" | tee -a "$out/steps.txt"
+
+timeout "${LIMIT_LAYER:-280}" python3 benchmarks/moe_layer.py --iters 30 --warmup 5 --kernels \
+  --json "$out/moe_layer.json" > "$out/moe_layer.log" 2>&1
+echo "moe_layer rc=$?" | tee -a "$out/steps.txt"
+
+timeout "${LIMIT_STEP:-150}" python3 benchmarks/ep_step_time.py --nproc 1 --group h --warmup 3 --timed 8 \
+  --profile-steps 1 --row-timeout 70 --out runs/ep1_step \
+  --rows "h stock,h device-splits +router kernel,h c2r +dedup +router kernel" > "$out/ep_step_time.log" 2>&1
+echo "ep_step_time rc=$?" | tee -a "$out/steps.txt"
+cp runs/ep1_step/ep_step_time.json "$out/" 2>/dev/null
+tail -40 "$out/moe_layer.log"
+tail -8 "$out/ep_step_time.log"
+tail -5 "$out/gpu_tests.log"

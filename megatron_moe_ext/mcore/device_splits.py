@@ -1,0 +1,89 @@
+"""The one-rank (EP = 1) dispatch with its split sizes kept on the device: no host wait per layer.
+
+Megatron's alltoall dispatcher copies the tokens-per-expert counts to the host and waits for
+them on every forward, even on one EP rank, where nothing is exchanged: SequentialMLP and
+TEGroupedMLP split their input on the host. The plugin's torch experts (`--moe-expert-backend
+torch`) take the counts on the device (torch._grouped_mm reads offsets from device memory), so
+on one rank the dispatcher can skip that copy and wait. Its second permutation (sorting received
+chunks by local expert) is the identity on one rank with expert TP 1, and is skipped too. What is
+left (the router, Megatron's argsort permutation with its static output size tokens x topk, the
+grouped GEMMs, the unpermutation) has static shapes and no host read: the MoE layer can then run
+ahead of the GPU and be captured in a CUDA graph (issue 16).
+
+Installed by the plugin's MoE layers (`DeviceSplitsMoELayer`, and `DedupMoELayer` at EP = 1)
+where `device_splits_problem` finds nothing against it; elsewhere Megatron's dispatcher stays.
+It computes the same function as Megatron's (tests/test_device_splits.py)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from megatron.core.utils import get_pg_size
+
+
+def device_splits_problem(layer: MoELayer) -> Optional[str]:
+    """Why `layer` keeps Megatron's dispatcher (a reason, for logs and tests), or None."""
+    cfg = layer.config
+    dispatcher = layer.token_dispatcher
+    if type(dispatcher) is not MoEAlltoAllTokenDispatcher:
+        return f"the dispatcher is {type(dispatcher).__name__}, not Megatron's alltoall dispatcher"
+    if dispatcher.ep_size != 1 or dispatcher.tp_size != 1:
+        return "more than one expert-parallel or expert-tensor-parallel rank: splits go to the host for the all-to-all"
+    if cfg.moe_expert_capacity_factor is not None or cfg.moe_pad_expert_input_to_capacity:
+        return "token dropping: the number of rows is data-dependent"
+    if cfg.moe_router_padding_for_quantization:
+        return "router padding for quantization: the number of rows is data-dependent"
+    if not getattr(layer.experts, "counts_on_device", False):
+        return f"{type(layer.experts).__name__} reads its tokens-per-expert on the host"
+    return None
+
+
+class DeviceSplitsTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """Megatron's alltoall dispatcher on one EP rank (expert TP 1, dropless), counts on the device.
+    dispatch_postprocess returns tokens_per_expert [E] as a device tensor."""
+
+    def _maybe_dtoh_and_synchronize(self, point: str, tokens_per_expert: Optional[torch.Tensor] = None):
+        return tokens_per_expert  # nothing needs the host: no copy, no wait
+
+    def dispatch_postprocess(self, global_input_tokens: torch.Tensor, global_probs: torch.Tensor):
+        """One source rank: rows are already grouped by local expert."""
+        tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
+        return global_input_tokens, tokens_per_expert, global_probs
+
+    def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+def install_device_splits(layer: MoELayer) -> bool:
+    """Swap `layer`'s dispatcher for DeviceSplitsTokenDispatcher where it applies; True if swapped."""
+    if device_splits_problem(layer) is not None:
+        return False
+    old = layer.token_dispatcher
+    new = DeviceSplitsTokenDispatcher(old.num_local_experts, old.local_expert_indices,
+                                      config=layer.config, pg_collection=layer.pg_collection_for_dispatch)
+    if old.shared_experts is not None:
+        new.set_shared_experts(old.shared_experts)
+    layer.token_dispatcher = new
+    return True
+
+
+class DeviceSplitsMoELayer(MoELayer):
+    """MoELayer that installs DeviceSplitsTokenDispatcher where it applies (see the module doc).
+
+    Megatron chooses dispatchers with a fixed if/elif on `moe_token_dispatcher_type`, so the base
+    constructor builds its own and this swaps it afterwards."""
+
+    def __init__(self, config, submodules=None, layer_number: Optional[int] = None,
+                 pg_collection=None, is_mtp_layer: bool = False, name: Optional[str] = None,
+                 device_splits: bool = True):
+        # resolved once, as MoELayer would, so that both dispatchers share the layer's groups
+        pg_collection = pg_collection or get_default_pg_collection()
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         is_mtp_layer=is_mtp_layer, name=name)
+        self.pg_collection_for_dispatch = pg_collection
+        if device_splits and get_pg_size(pg_collection.ep) == 1:  # False: --moe-ep1-host-splits
+            install_device_splits(self)

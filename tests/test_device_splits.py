@@ -1,0 +1,139 @@
+"""The one-rank dispatch with device-side split sizes (mcore/device_splits.py): installed where it
+applies, the same function as Megatron's alltoall dispatcher to the bit (the skipped second
+permutation is the identity on one rank), and no host read in a training forward and backward
+of the whole MoE layer, where Megatron's dispatcher reads its counts on every forward."""
+
+import traceback
+
+import pytest
+import torch
+
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+def _layer(megatron_cpu, layer_cls, experts="torch", **over):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+    from megatron.core.transformer.spec_utils import get_submodules
+
+    from megatron_moe_ext.experts import torch_experts
+
+    cfg = megatron_cpu.moe_config(num_moe_experts=8, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                                  moe_aux_loss_coeff=1e-2, add_bias_linear=False, **over)
+    subs = get_submodules(get_gpt_layer_local_submodules(num_experts=8, moe_grouped_gemm=False).mlp)
+    if experts == "torch":
+        subs = type(subs)(experts=torch_experts, router=subs.router)
+    return layer_cls(cfg, subs)
+
+
+def _step(layer, x):
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    y, _ = layer(x)
+    y.backward(torch.ones_like(y) + x.detach())  # a gradient that differs per row
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def test_installed_only_where_it_applies(megatron_cpu):
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from megatron_moe_ext.mcore.device_splits import DeviceSplitsMoELayer, DeviceSplitsTokenDispatcher
+    from megatron_moe_ext.mcore.dispatch import DedupMoELayer
+
+    assert type(_layer(megatron_cpu, DeviceSplitsMoELayer).token_dispatcher) is DeviceSplitsTokenDispatcher
+    assert type(_layer(megatron_cpu, DedupMoELayer).token_dispatcher) is DeviceSplitsTokenDispatcher
+    assert type(_layer(megatron_cpu, MoELayer).token_dispatcher) is MoEAlltoAllTokenDispatcher
+    # experts that split on the host, and token dropping, keep Megatron's dispatcher
+    for layer in (_layer(megatron_cpu, DeviceSplitsMoELayer, experts="sequential"),
+                  _layer(megatron_cpu, DeviceSplitsMoELayer, moe_expert_capacity_factor=1.0)):
+        assert type(layer.token_dispatcher) is MoEAlltoAllTokenDispatcher
+
+
+def test_same_function_as_megatrons_dispatcher(megatron_cpu):
+    """Same weights, same fresh inputs: output, input and parameter gradients equal to the bit."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_moe_ext.mcore.device_splits import DeviceSplitsMoELayer
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    stock, ours = _layer(megatron_cpu, MoELayer), _layer(megatron_cpu, DeviceSplitsMoELayer)
+    ours.load_state_dict(stock.state_dict())
+    for seed in range(3):
+        x = torch.randn(16, 2, stock.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+        (y0, gx0, gp0), (y1, gx1, gp1) = _step(stock, x), _step(ours, x)
+        assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+        assert gp0.keys() == gp1.keys() and all(torch.equal(gp0[k], gp1[k]) for k in gp0)
+
+
+def _host_reads(layer, x, monkeypatch) -> list:
+    reads = []
+
+    def guarded(method, orig):
+        def f(self, *a, **kw):
+            where = [fr for fr in traceback.extract_stack()[:-1] if "site-packages/torch" not in fr.filename]
+            reads.append(f"{method} at " + " <- ".join(f"{fr.filename.rsplit('/', 1)[-1]}:{fr.lineno}"
+                                                        for fr in reversed(where[-3:])))
+            return orig(self, *a, **kw)
+        return f
+
+    for method in READS:
+        monkeypatch.setattr(torch.Tensor, method, guarded(method, getattr(torch.Tensor, method)))
+    try:
+        _step(layer, x)
+    finally:
+        monkeypatch.undo()
+    return reads
+
+
+@pytest.mark.parametrize("kernel", ["megatron", "fused"])
+def test_no_host_reads_in_the_layer(megatron_cpu, monkeypatch, kernel):
+    """The whole MoE layer (router, permute, experts, unpermute, aux loss) after its first step;
+    Megatron's own layer, the control, reads its counts (the check can fail)."""
+    import functools
+
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_moe_ext.config import MoEExtConfig
+    from megatron_moe_ext.mcore.device_splits import DeviceSplitsMoELayer
+    from megatron_moe_ext.mcore.router import TopKPolicyRouter
+
+    if kernel == "fused":
+        pytest.importorskip("triton")
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    ours = _layer(megatron_cpu, DeviceSplitsMoELayer)
+    if kernel == "fused":  # the Triton kernel runs on GPUs only; on CPU the router takes its reference path
+        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+        ours.router = functools.partial(TopKPolicyRouter, ext_cfg=MoEExtConfig(router_kernel="fused"))(
+            config=ours.config, pg_collection=get_default_pg_collection())
+        ours.router.set_layer_number(1)
+    stock = _layer(megatron_cpu, MoELayer)
+    x = torch.randn(16, 2, stock.config.hidden_size)
+    for layer in (ours, stock):
+        layer.train()
+        _step(layer, x)  # the first forward may read (once-per-load checks)
+    assert _host_reads(ours, x, monkeypatch) == []
+    assert _host_reads(stock, x, monkeypatch), "Megatron's dispatcher should read its counts"
+
+
+def test_the_spec_chooses_the_layer(megatron_cpu):
+    """--moe-expert-backend torch builds DeviceSplitsMoELayer; --moe-ep1-host-splits builds it with
+    Megatron's dispatcher kept; dedup wins; other backends keep Megatron's MoELayer."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from megatron_moe_ext.config import MoEExtConfig
+    from megatron_moe_ext.mcore.device_splits import DeviceSplitsMoELayer, DeviceSplitsTokenDispatcher
+    from megatron_moe_ext.mcore.dispatch import DedupMoELayer
+    from megatron_moe_ext.mcore.specs import moe_layer_class_for
+
+    assert moe_layer_class_for(MoEExtConfig()) is None
+    assert moe_layer_class_for(MoEExtConfig(expert_backend="te")) is None
+    assert moe_layer_class_for(MoEExtConfig(expert_backend="torch")) is DeviceSplitsMoELayer
+    assert moe_layer_class_for(MoEExtConfig(expert_backend="torch", dedup_dispatch=True)) is DedupMoELayer
+    for dedup in (False, True):
+        cls = moe_layer_class_for(MoEExtConfig(expert_backend="torch", dedup_dispatch=dedup, ep1_host_splits=True))
+        assert type(_layer(megatron_cpu, cls).token_dispatcher) is MoEAlltoAllTokenDispatcher
+        cls = moe_layer_class_for(MoEExtConfig(expert_backend="torch", dedup_dispatch=dedup))
+        assert type(_layer(megatron_cpu, cls).token_dispatcher) is DeviceSplitsTokenDispatcher
