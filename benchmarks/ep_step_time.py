@@ -100,6 +100,11 @@ ROWS: Dict[str, tuple] = {
     "h device-splits": ("h", TOP4, set()),
     "h device-splits +router kernel": ("h", TOP4 + ROUTER_KERNEL, {"cuda"}),
     "h c2r +dedup +router kernel": ("h", TOP4 + C2R_DEDUP + ROUTER_KERNEL, {"cuda"}),
+    # Megatron's full-iteration CUDA graph (forward and backward of all micro-batches in one
+    # graph), which needs a step without host reads: the device-splits layer and fused router
+    "h device-splits +router kernel +full-iteration graph": (
+        "h", TOP4 + ROUTER_KERNEL + ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"],
+        {"cuda"}),
 }
 BASELINE = {"a": "stock", "b": "shared stock", "f": "stock fp8", "h": "h stock"}
 

@@ -84,8 +84,8 @@ class DedupAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.rows = rank_rows(routing_map, self.ep_size)
         self.send_map = local_slices(routing_map, self.rows, self.ep_size)
         counts = self.rows.rows_per_rank
-        self.input_splits = counts.tolist()
-        self.output_splits = self._exchange_counts(counts).tolist()
+        # the all-to-all needs its split sizes on the host: one copy of both directions per layer
+        self.input_splits, self.output_splits = torch.stack([counts, self._exchange_counts(counts)]).tolist()
         return hidden.index_select(0, self.rows.token), local_slices(probs, self.rows, self.ep_size)
 
     def _exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
