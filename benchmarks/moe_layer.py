@@ -19,7 +19,8 @@ fresh random tensors. Rows:
   torch fp8 cached w   the same with the weight quantization reused (what gradient accumulation
                        over several micro-batches approaches)
   router topk/c2r/locmoe   the router alone, fwd+bwd, same inputs (and `unfused` with TE)
-  router .. kernel         the same with --moe-router-kernel fused (kernels/fused_router.py)
+  router .. kernel         the same with --moe-router-kernel fused (kernels/fused_router.py), and
+                       `, cuda graph`: its forward+backward captured in a CUDA graph and replayed
   floor                the expert GEMMs alone: torch._grouped_mm BF16 fwd+bwd, rows split evenly
   torch bf16 device-splits [+router kernel] [, cuda graph]   the layer as the plugin runs it at
                        EP = 1 (mcore/device_splits.py: counts on the device, no host wait), with
@@ -176,26 +177,25 @@ def floor_step(shape, tokens: int):
     return step
 
 
-def graphed_layer_step(layer, pool):
-    """The layer's forward and backward captured once in a CUDA graph (static input, output and
-    gradient buffers), then replayed: each step copies the next input in and replays. Needs a layer
-    that reads nothing to the host (the device-splits dispatcher, a sync-free router)."""
+def graphed_step(module, pool, body):
+    """`body(x, dy)` (a forward and backward of `module` returning its output) captured once in
+    a CUDA graph with static input, output and gradient buffers, then replayed: each step copies
+    the next input in and replays. Needs a module that reads nothing to the host (the
+    device-splits dispatcher, a sync-free router). step.outputs: (output, the static input)."""
     x_static = pool[0][0].detach().clone().requires_grad_(True)
     dy_static = pool[0][1].clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):   # warm-up off the capture stream, as torch.cuda.graphs advises
         for _ in range(3):
-            layer.zero_grad(set_to_none=True)
-            y, _ = layer(x_static)
-            y.backward(dy_static)
+            module.zero_grad(set_to_none=True)
+            body(x_static, dy_static)
     torch.cuda.current_stream().wait_stream(side)
-    layer.zero_grad(set_to_none=True)
+    module.zero_grad(set_to_none=True)
     x_static.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):   # the gradients are allocated, and refilled on replay, in the graph
-        y, _ = layer(x_static)
-        y.backward(dy_static)
+        y = body(x_static, dy_static)
 
     def step(i):
         x, dy = pool[i % len(pool)]
@@ -204,6 +204,32 @@ def graphed_layer_step(layer, pool):
         graph.replay()
     step.outputs = (y, x_static)
     return step
+
+
+def _layer_body(layer):
+    def body(x, dy):
+        y, _ = layer(x)
+        y.backward(dy)
+        return y
+    return body
+
+
+def _router_body(layer):
+    def body(x, dy):
+        probs, _ = layer.router(x)
+        probs.sum().backward()
+        return probs
+    return body
+
+
+def graphed_layer_step(layer, pool):
+    """The layer's forward and backward in one CUDA graph (graphed_step)."""
+    return graphed_step(layer, pool, _layer_body(layer))
+
+
+def graphed_router_step(layer, pool):
+    """The router's forward and backward alone in one CUDA graph, as router_step times it eagerly."""
+    return graphed_step(layer, pool, _router_body(layer))
 
 
 def experts_step(layer, pool):
@@ -414,6 +440,11 @@ def main() -> None:
                 rows[label] = {"router_ms": median_ms(router_step(layer, pool), args.iters, args.warmup)}
                 if args.kernels:
                     rows[label]["kernels"] = kernel_breakdown(router_step(layer, pool))
+                try:   # the same captured in a CUDA graph: what is left once launches cost nothing
+                    rows[label + ", cuda graph"] = {
+                        "router_ms": median_ms(graphed_router_step(layer, pool), args.iters, args.warmup)}
+                except Exception as e:
+                    rows[label + ", cuda graph"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 del layer
             except Exception as e:
                 rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
