@@ -28,7 +28,7 @@ echo "moe_layer rc=$?" | tee -a "$out/steps.txt"
 
 timeout "${LIMIT_STEP:-230}" python3 benchmarks/ep_step_time.py --nproc 1 --group h --warmup 3 --timed 8 \
   --profile-steps 1 --row-timeout 70 --out runs/ep1_step \
-  --rows "h stock,h device-splits +router kernel,h c2r +dedup +router kernel,h device-splits +router kernel +full-iteration graph" > "$out/ep_step_time.log" 2>&1
+  --rows "h stock,h device-splits +router kernel,h device-splits +router kernel +full-iteration graph,h c2r +dedup +router kernel" > "$out/ep_step_time.log" 2>&1
 echo "ep_step_time rc=$?" | tee -a "$out/steps.txt"
 cp runs/ep1_step/ep_step_time.json "$out/" 2>/dev/null
 tail -40 "$out/moe_layer.log"

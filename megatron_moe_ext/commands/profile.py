@@ -39,7 +39,9 @@ def run(ns: argparse.Namespace) -> int:
         raise UserError(f"--nproc must be a positive number of ranks, got {ns.nproc}.")
     extra = [a for a in ns.pretrain_args if a != "--"]
     _check_checkpoint(_flag_value(extra, "--load"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ns.nproc),
+    # --standalone: a free rendezvous port, so that profiles (or a training run) side by side on
+    # one machine do not collide on torchrun's fixed default port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ns.nproc),
            "-m", "megatron_moe_ext.training.pretrain_gpt", *(["--cpu"] if ns.cpu else []),
            *extra, "--skip-train", "--no-load-optim", "--no-load-rng",
            "--moe-profile-collaboration", ns.output]
