@@ -128,6 +128,10 @@ def row_flags(name: str, args) -> List[str]:
             flags = flags + ["--delay-wgrad-compute"]   # with TE's experts, the strongest setting
     if args.cpu:   # the CPU compatibility layer runs Megatron's local layers, without TE
         flags = [f for f in flags if f not in TE_FUSIONS]
+    elif ROWS[name][0] == "h":   # no TE: Megatron's local layers and their fusions off
+        from megatron_moe_ext.compat.presets import LOCAL_IMPL_FLAGS
+
+        flags = flags + list(LOCAL_IMPL_FLAGS)
     ffn = "32" if args.tiny else "1024"
     return [{"FFN": ffn, "HALF": str(max(1, args.nproc // 2))}.get(f, f) for f in flags]
 

@@ -72,3 +72,27 @@ def test_graphed_layer_replays_the_eager_layer(moe_layer_bench, kernel):
         for (name, p_graph), p in zip(graphed.named_parameters(), eager.parameters()):
             assert p_graph.grad is not None and _rel(p_graph.grad, p.grad) <= 2e-2, (i, name)
     del eager_step
+
+
+def test_dispatch_counts_capture_in_a_graph():
+    """The metrics hook's per-forward counts (routing/volume.py) hold no host-to-device copy: the
+    full-iteration CUDA graph of a training step captures them (a Python int made a tensor with
+    torch.as_tensor failed that capture on the H200). Exact: integer counts in float64."""
+    from megatron_moe_ext.routing.volume import dispatch_counts
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    scores = torch.rand(4096, 16, device="cuda", generator=g)
+    rmap = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(4, dim=1).indices, True)
+    kw = dict(ep_size=4, ep_ranks_per_node=2, src_ep_rank=1)
+    eager = dispatch_counts(rmap, **kw)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        dispatch_counts(rmap, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = dispatch_counts(rmap, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

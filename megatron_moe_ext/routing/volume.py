@@ -52,13 +52,16 @@ def dispatch_counts(routing_map: torch.Tensor, *, ep_size: int, ep_ranks_per_nod
         expert_to_rank = EPTopology(E, ep_size, ep_ranks_per_node).expert_to_rank(dev)
     rank_of_expert = torch.nn.functional.one_hot(expert_to_rank.to(dev), ep_size).double()  # [E, ep]
     hits = routing_map.double() @ rank_of_expert                                           # [T, ep]
-    src = torch.as_tensor(src_ep_rank, device=dev).expand(T)                               # [T]
+    # fill kernels, not host-to-device copies of Python numbers: this runs in the training
+    # forward (the metrics hook), which a CUDA graph may capture
+    src = (torch.full((T,), src_ep_rank, dtype=torch.long, device=dev) if isinstance(src_ep_rank, int)
+           else src_ep_rank.to(dev).expand(T))                                             # [T]
     ranks = torch.arange(ep_size, device=dev)
     remote = ranks.unsqueeze(0) != src.unsqueeze(1)                                        # [T, ep]
     inter = (ranks // ep_ranks_per_node).unsqueeze(0) != (src // ep_ranks_per_node).unsqueeze(1)
     touched = (hits > 0).double()
     sums = torch.stack([
-        torch.tensor(float(T), dtype=torch.float64, device=dev),
+        torch.full((), float(T), dtype=torch.float64, device=dev),
         hits.sum(), (hits * remote).sum(), (hits * inter).sum(),
         touched.sum(), (touched * remote).sum(), (touched * inter).sum(),
     ])
