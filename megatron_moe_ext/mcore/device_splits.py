@@ -8,7 +8,9 @@ on one rank the dispatcher can skip that copy and wait. Its second permutation (
 chunks by local expert) is the identity on one rank with expert TP 1, and is skipped too. What is
 left (the router, Megatron's argsort permutation with its static output size tokens x topk, the
 grouped GEMMs, the unpermutation) has static shapes and no host read: the MoE layer can then run
-ahead of the GPU and be captured in a CUDA graph (issue 16).
+ahead of the GPU and be captured in a CUDA graph (issue 16). Without TE's fused permutation the
+permutation itself is replaced too, by one whose backward is a gather instead of Megatron's
+atomic index_add (kernels/gather_permute.py).
 
 Installed by the plugin's MoE layers (`DeviceSplitsMoELayer`, and `DedupMoELayer` at EP = 1)
 where `device_splits_problem` finds nothing against it; elsewhere Megatron's dispatcher stays.
@@ -23,6 +25,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.utils import get_pg_size
+
+from megatron_moe_ext.kernels.gather_permute import gather_permute, gather_unpermute, permutation_maps
 
 
 def device_splits_problem(layer: MoELayer) -> Optional[str]:
@@ -44,10 +48,37 @@ def device_splits_problem(layer: MoELayer) -> Optional[str]:
 
 class DeviceSplitsTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """Megatron's alltoall dispatcher on one EP rank (expert TP 1, dropless), counts on the device.
-    dispatch_postprocess returns tokens_per_expert [E] as a device tensor."""
+    dispatch_postprocess returns tokens_per_expert [E] as a device tensor. Without TE's fused
+    permutation (--moe-permute-fusion), the permutation is kernels/gather_permute.py's: Megatron's
+    row order, both directions gathers (no atomics)."""
 
     def _maybe_dtoh_and_synchronize(self, point: str, tokens_per_expert: Optional[torch.Tensor] = None):
         return tokens_per_expert  # nothing needs the host: no copy, no wait
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
+                            probs: torch.Tensor):
+        """[S, B, H] tokens, [T, E] map and probs -> rows [T x k, H] grouped by expert, probs [T x k]."""
+        if self.config.moe_permute_fusion:
+            return super().dispatch_preprocess(hidden_states, routing_map, probs)
+        self.hidden_shape = hidden_states.shape
+        self.probs, self.routing_map = probs, routing_map
+        hidden = hidden_states.view(-1, self.hidden_shape[-1])
+        self.hidden_shape_before_permute = hidden.shape
+        self.tokens_per_expert = self.preprocess(routing_map)
+        if self.shared_experts is not None:
+            self.shared_experts.pre_forward_comm(hidden.view(self.hidden_shape))
+        self.maps = permutation_maps(routing_map, self.config.moe_router_topk)
+        permuted_probs = probs.T.contiguous().reshape(-1)[self.maps.flat_sorted]  # as Megatron's permute
+        return gather_permute(hidden, self.maps), permuted_probs
+
+    def combine_postprocess(self, permuted_tokens: torch.Tensor) -> torch.Tensor:
+        """Rows [T x k, H] -> [S, B, H], each token the sum of its rows, plus the shared experts."""
+        if self.config.moe_permute_fusion:
+            return super().combine_postprocess(permuted_tokens)
+        output = gather_unpermute(permuted_tokens, self.maps).view(self.hidden_shape)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts.get_output()
+        return output
 
     def dispatch_postprocess(self, global_input_tokens: torch.Tensor, global_probs: torch.Tensor):
         """One source rank: rows are already grouped by local expert."""
