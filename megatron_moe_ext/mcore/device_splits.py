@@ -6,7 +6,7 @@ TEGroupedMLP split their input on the host. The plugin's torch experts (`--moe-e
 torch`) take the counts on the device (torch._grouped_mm reads offsets from device memory), so
 on one rank the dispatcher can skip that copy and wait. Its second permutation (sorting received
 chunks by local expert) is the identity on one rank with expert TP 1, and is skipped too. What is
-left (the router, Megatron's argsort permutation with its static output size tokens x topk, the
+left (the router, the argsort permutation with its static output size tokens x topk, the
 grouped GEMMs, the unpermutation) has static shapes and no host read: the MoE layer can then run
 ahead of the GPU and be captured in a CUDA graph (issue 16). Without TE's fused permutation the
 permutation itself is replaced too, by one whose backward is a gather instead of Megatron's
@@ -89,13 +89,14 @@ class DeviceSplitsTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return hidden_states
 
 
-def install_device_splits(layer: MoELayer) -> bool:
-    """Swap `layer`'s dispatcher for DeviceSplitsTokenDispatcher where it applies; True if swapped."""
+def install_device_splits(layer: MoELayer, pg_collection) -> bool:
+    """Swap `layer`'s dispatcher for DeviceSplitsTokenDispatcher (on the layer's process groups,
+    `pg_collection`) where it applies; True if swapped."""
     if device_splits_problem(layer) is not None:
         return False
     old = layer.token_dispatcher
     new = DeviceSplitsTokenDispatcher(old.num_local_experts, old.local_expert_indices,
-                                      config=layer.config, pg_collection=layer.pg_collection_for_dispatch)
+                                      config=layer.config, pg_collection=pg_collection)
     if old.shared_experts is not None:
         new.set_shared_experts(old.shared_experts)
     layer.token_dispatcher = new
@@ -115,6 +116,5 @@ class DeviceSplitsMoELayer(MoELayer):
         pg_collection = pg_collection or get_default_pg_collection()
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection,
                          is_mtp_layer=is_mtp_layer, name=name)
-        self.pg_collection_for_dispatch = pg_collection
         if device_splits and get_pg_size(pg_collection.ep) == 1:  # False: --moe-ep1-host-splits
-            install_device_splits(self)
+            install_device_splits(self, pg_collection)
