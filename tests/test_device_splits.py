@@ -143,3 +143,17 @@ def test_the_spec_chooses_the_layer(megatron_cpu):
         assert type(_layer(megatron_cpu, cls).token_dispatcher) is MoEAlltoAllTokenDispatcher
         cls = moe_layer_class_for(MoEExtConfig(expert_backend="torch", dedup_dispatch=dedup))
         assert type(_layer(megatron_cpu, cls).token_dispatcher) is DeviceSplitsTokenDispatcher
+
+
+def test_megatrons_partial_moe_graph_keeps_megatrons_dispatcher(megatron_cpu):
+    """Megatron's per-layer moe_router + moe_preprocess graphs hand the dispatcher's state over
+    through Megatron's own attribute list; the device-splits dispatcher keeps other state, so it
+    stands aside there (the layer keeps Megatron's dispatcher: the same function, host waits)."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from megatron_moe_ext.mcore.device_splits import DeviceSplitsMoELayer, device_splits_problem
+
+    layer = _layer(megatron_cpu, DeviceSplitsMoELayer, cuda_graph_impl="local",
+                   cuda_graph_modules=["moe_router", "moe_preprocess"])
+    assert type(layer.token_dispatcher) is MoEAlltoAllTokenDispatcher
+    assert "moe_preprocess" in device_splits_problem(layer)

@@ -50,3 +50,18 @@ def test_a_token_with_fewer_experts_sums_only_its_own():
     routed = {(f // 3, f % 3): r for r, f in enumerate(flat) if rmap[f % 3, f // 3]}
     want = [sum(r for (e, t), r in routed.items() if t == tok) for tok in range(3)]
     assert out.tolist() == want
+
+
+def test_fewer_experts_no_nan_and_no_gradient_to_leftover_rows():
+    """An inf in a row a token does not own stays out of that token (a mask, not a x 0), and the
+    rows past the routed pairs get no gradient (their expert output was never written)."""
+    rmap = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    maps = permutation_maps(rmap, 2)
+    rows = torch.ones(6, 2, dtype=torch.float64)
+    rows[maps.rows_of_token[1, 1]] = float("inf")   # the slot token 1 does not use points here
+    rows.requires_grad_(True)
+    out = gather_unpermute(rows, maps)
+    assert torch.isfinite(out[1]).all()
+    out.sum().backward()
+    assert maps.row_valid.tolist() == [True] * 5 + [False]
+    assert rows.grad[~maps.row_valid].abs().sum() == 0 and (rows.grad[maps.row_valid] == 1).all()

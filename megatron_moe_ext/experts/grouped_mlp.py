@@ -42,7 +42,9 @@ class TorchGroupedMLP(MegatronModule):
     probs [T]) -> (out [T, h], None). fc1: [E_local, F or 2F (GLU: gate then up), h];
     fc2: [E_local, h, F]. tokens_per_expert may live on the host or the device."""
 
-    counts_on_device = True  # mcore/device_splits.py: the dispatcher may skip its host copy
+    # mcore/device_splits.py: the dispatcher may skip its host copy. (The fallback for float64 and
+    # odd widths, _looped_mm, and the FP8 wgrad's, split on the host: correct, not capturable.)
+    counts_on_device = True
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None,
                  name: Optional[str] = None) -> None:

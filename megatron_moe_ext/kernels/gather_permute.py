@@ -28,12 +28,15 @@ class PermutationMaps:
     """flat_sorted: LongTensor[N], the pairs in Megatron's order as expert * T + token;
     token_of_row: LongTensor[N]; rows_of_token: LongTensor[T, k], the row of each of a token's
     experts in ascending expert order; valid: BoolTensor[T, k], False where a token has fewer
-    than k experts (its slot then points at row 0 and is not summed)."""
+    than k experts (its slot then points at row 0 and is not summed); row_valid: BoolTensor[N],
+    False for the rows past the routed pairs (only then: Megatron's order fills N rows anyway),
+    which get no gradient."""
 
     flat_sorted: torch.Tensor
     token_of_row: torch.Tensor
     rows_of_token: torch.Tensor
     valid: torch.Tensor
+    row_valid: torch.Tensor
 
 
 def permutation_maps(routing_map: torch.Tensor, topk: int) -> PermutationMaps:
@@ -42,7 +45,8 @@ def permutation_maps(routing_map: torch.Tensor, topk: int) -> PermutationMaps:
     T, E = routing_map.shape
     n = T * topk
     # Megatron's order (moe_utils.permute): pairs expert-major, tokens ascending within an expert
-    flat_sorted = routing_map.T.contiguous().reshape(-1).argsort(descending=True, stable=True)[:n]
+    flat_map = routing_map.T.contiguous().reshape(-1)
+    flat_sorted = flat_map.argsort(descending=True, stable=True)[:n]
     token_of_row = flat_sorted % T
     row_of_pair = torch.zeros(E * T, dtype=torch.long, device=routing_map.device)
     row_of_pair[flat_sorted] = torch.arange(n, device=routing_map.device)
@@ -50,14 +54,14 @@ def permutation_maps(routing_map: torch.Tensor, topk: int) -> PermutationMaps:
     valid = routing_map.gather(1, experts)
     rows_of_token = row_of_pair.view(E, T).T.gather(1, experts)
     rows_of_token = torch.where(valid, rows_of_token, torch.zeros_like(rows_of_token))
-    return PermutationMaps(flat_sorted, token_of_row, rows_of_token, valid)
+    return PermutationMaps(flat_sorted, token_of_row, rows_of_token, valid, flat_map[flat_sorted])
 
 
 def _gather_sum(src: torch.Tensor, maps: PermutationMaps) -> torch.Tensor:
     """src [N, H] -> [T, H]: each token's rows summed (in ascending expert order)."""
     T, k = maps.rows_of_token.shape
     rows = src.index_select(0, maps.rows_of_token.reshape(-1)).view(T, k, src.shape[-1])
-    rows = rows * maps.valid.unsqueeze(-1).to(rows.dtype)
+    rows = torch.where(maps.valid.unsqueeze(-1), rows, rows.new_zeros(()))  # not x 0: inf x 0 is NaN
     return rows.sum(1)
 
 
@@ -80,7 +84,8 @@ class _Unpermute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_tokens):
-        return grad_tokens.index_select(0, ctx.maps.token_of_row), None
+        grad_rows = grad_tokens.index_select(0, ctx.maps.token_of_row)
+        return torch.where(ctx.maps.row_valid.unsqueeze(-1), grad_rows, grad_rows.new_zeros(())), None
 
 
 def gather_permute(tokens: torch.Tensor, maps: PermutationMaps) -> torch.Tensor:

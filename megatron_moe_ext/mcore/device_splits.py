@@ -43,7 +43,21 @@ def device_splits_problem(layer: MoELayer) -> Optional[str]:
         return "router padding for quantization: the number of rows is data-dependent"
     if not getattr(layer.experts, "counts_on_device", False):
         return f"{type(layer.experts).__name__} reads its tokens-per-expert on the host"
+    if getattr(cfg, "transformer_impl", None) == "inference_optimized":
+        return "the inference-optimized MoE layer restores its own training dispatcher every forward"
+    if _captures_preprocess_alone(cfg):
+        # Megatron's per-layer graphs of moe_router + moe_preprocess hand the dispatcher's state to
+        # the rest of the layer through its `cudagraph_attrs`; this dispatcher keeps other state
+        return "Megatron's moe_preprocess CUDA graph hands over only Megatron's dispatcher state"
     return None
+
+
+def _captures_preprocess_alone(cfg) -> bool:
+    if getattr(cfg, "cuda_graph_impl", "none") not in ("local", "transformer_engine"):
+        return False
+    modules = getattr(cfg, "cuda_graph_modules", None) or []
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    return any(getattr(m, "name", m) in ("moe_preprocess", "moe_router") for m in modules)
 
 
 class DeviceSplitsTokenDispatcher(MoEAlltoAllTokenDispatcher):
