@@ -114,6 +114,9 @@ def check_with_megatron(cfg: MoEExtConfig, a: Any) -> None:
         from megatron_moe_ext.mcore.scmoe_spec import scmoe_problem
 
         problems.append(scmoe_problem(cfg.scmoe, a, topk))
+    from megatron_moe_ext.mcore.iteration import cuda_graph_problem
+
+    problems.append(cuda_graph_problem(cfg, getattr(a, "cuda_graph_impl", "none"), bool(getattr(a, "fp8", None))))
     if cfg.ep1_host_splits and cfg.expert_backend != "torch":
         problems.append("--moe-ep1-host-splits chooses the dispatcher of --moe-expert-backend torch "
                         "on one EP rank (other experts always split on the host); add "

@@ -128,6 +128,29 @@ def test_a_switch_without_its_backend_is_refused():
                              exit_on_error=False)
 
 
+@pytest.mark.parametrize("flags,megatron,names", [
+    (["--moe-router-policy", "c2r", "--moe-c2r-warmup-steps", "10"], {}, "--moe-c2r-warmup-steps"),
+    (["--moe-router-policy", "locmoe", "--moe-locmoe-capacity", "bound"], {"moe_expert_capacity_factor": 1.25},
+     "--moe-locmoe-capacity"),
+    (["--moe-router-policy", "locmoe-plus"], {"moe_expert_capacity_factor": 1.0}, "--moe-locmoe-plus-reestimate-interval"),
+    (["--moe-expert-backend", "torch"], {"fp8": "hybrid"}, "--moe-expert-backend torch"),
+    (["--save-routing-trace", "DIR"], {}, "--save-routing-trace"),
+])
+def test_what_a_cuda_graph_would_freeze_is_refused(tmp_path, flags, megatron, names):
+    """Host-side per-iteration state and hooks do not replay in a CUDA graph (mcore/iteration.py)."""
+    flags = [str(tmp_path / "trace") if f == "DIR" else f for f in flags]
+    msg = _refused(*flags, cuda_graph_impl="full_iteration", **megatron)
+    assert names in msg and "--cuda-graph-impl full_iteration" in msg
+    moe_ext_config_from_args(_parse(*flags, cuda_graph_impl="none", **megatron), exit_on_error=False)
+
+
+def test_graph_safe_settings_pass_with_a_cuda_graph():
+    for flags in (["--moe-router-policy", "c2r"], ["--moe-router-policy", "locmoe", "--moe-locmoe-local-bias", "0.5",
+                                                   "--moe-locmoe-local-bias-warmup-steps", "5"],
+                  ["--moe-expert-backend", "torch", "--moe-router-kernel", "fused"]):
+        moe_ext_config_from_args(_parse(*flags, cuda_graph_impl="full_iteration"), exit_on_error=False)
+
+
 # --- 5: NaN and inf in every verb's float flags -------------------------------------------------
 
 # the arguments each verb with float flags needs besides the flag under test
