@@ -187,9 +187,12 @@ class PolicyRouter(TopKRouter, IterationState):
 
     def extra_losses(self, probs: torch.Tensor, logits: torch.Tensor,
                      padding_mask: Optional[torch.Tensor],
-                     scores_for_aux: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     scores_for_aux: Optional[torch.Tensor] = None,
+                     score_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attach policy-specific auxiliary losses to `probs` (identity by default).
-        scores_for_aux: Megatron's balance-loss scores [T, E] when a balance loss ran, else None."""
+        scores_for_aux: Megatron's balance-loss scores [T, E] when a balance loss ran, else None;
+        score_sums: the fused kernel's differentiable column sums [E] of the softmax scores over
+        this forward's tokens (no padding mask on that path), else None."""
         return probs
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -244,7 +247,8 @@ class PolicyRouter(TopKRouter, IterationState):
                                                  bsz, with_padding_mask=with_pad)
                 probs = self._apply_global_aux_loss(probs, scores_for_aux, map_for_aux,
                                                     with_padding_mask=with_pad)
-            probs = self.extra_losses(probs, logits, padding_mask, scores_for_aux)
+            probs = self.extra_losses(probs, logits, padding_mask, scores_for_aux,
+                                      score_sums=score_sums if fused is not None else None)
         # 5. expert-bias counts, as Megatron
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
@@ -561,12 +565,27 @@ class LocMoERouter(PolicyRouter):
             return {}
         return {"bias": self.locality_mask.float() * (bias * self.locmoe_bias_on.float())}
 
-    def extra_losses(self, probs, logits, padding_mask, scores_for_aux=None):
-        from megatron_moe_ext.routing.locality import locality_kl
-
+    def extra_losses(self, probs, logits, padding_mask, scores_for_aux=None, score_sums=None):
         mu = self.ext_cfg.locmoe_mu
         if not mu:
             return probs
+        kl = self._locality_kl(logits, padding_mask, scores_for_aux, score_sums)
+        with torch.no_grad():
+            self._stat("locality_kl_sum", kl.detach().double())
+            self._stat("locality_kl_count", 1.0)
+        return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
+                                                       self.tp_cp_group)
+
+    def _locality_kl(self, logits, padding_mask, scores_for_aux, score_sums) -> torch.Tensor:
+        """KL(D_c || D_l) of this forward's tokens, from the cheapest scores at hand."""
+        from megatron_moe_ext.routing.locality import locality_kl, locality_kl_from_sums
+
+        pool = self._pool_over_tp_shards()
+        if score_sums is not None and self.score_function == "softmax" and self.token_sources() is None:
+            # the fused kernel summed the same softmax scores: D_c without another [T, E] pass
+            log_d_l = self._log_d_l.to(device=score_sums.device, dtype=score_sums.dtype)
+            return locality_kl_from_sums(score_sums, score_sums.new_full((1,), logits.shape[0]),
+                                         log_d_l, pool=pool)
         if scores_for_aux is not None:
             scores = scores_for_aux  # Megatron's balance-loss scores: the same function, computed once
         elif self.score_function == "softmax":
@@ -577,13 +596,7 @@ class LocMoERouter(PolicyRouter):
         valid = None if padding_mask is None else ~padding_mask
         if self._log_d_l.device != scores.device or self._log_d_l.dtype != scores.dtype:
             self._log_d_l = self._log_d_l.to(device=scores.device, dtype=scores.dtype)
-        kl = locality_kl(scores, self._log_d_l, valid=valid, pool=self._pool_over_tp_shards(),
-                         sources=self.token_sources())
-        with torch.no_grad():
-            self._stat("locality_kl_sum", kl.detach().double())
-            self._stat("locality_kl_count", 1.0)
-        return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
-                                                       self.tp_cp_group)
+        return locality_kl(scores, self._log_d_l, valid=valid, pool=pool, sources=self.token_sources())
 
     def _pool_over_tp_shards(self):
         """Under sequence parallelism each TP (x CP) rank routes a shard of the micro-batch; D_c is

@@ -75,11 +75,19 @@ def locality_kl(probs: torch.Tensor, log_d_l: torch.Tensor,
         w = p.new_ones(p.shape[0]) if valid is None else valid.to(p.dtype)
         sums = p.new_zeros(V, E).index_add(0, sources, p * w.unsqueeze(-1)).reshape(-1)
         count = p.new_zeros(V).index_add(0, sources, w)
+    return locality_kl_from_sums(sums, count, log_d_l, pool=pool)
+
+
+def locality_kl_from_sums(sums: torch.Tensor, count: torch.Tensor, log_d_l: torch.Tensor,
+                          pool: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """`locality_kl` from the scores' column sums: sums [E] (or [V * E], one block per source) and
+    count [1] (or [V]) tokens; D_c = sums / count. What a fused router that already sums its
+    scores (kernels/fused_router.py) passes, so the [T, E] scores are never read again."""
     if pool is not None:
         n = count.numel()
         pooled = pool(torch.cat([sums, count]))
         sums, count = pooled[:-n], pooled[-n:].detach()
-    if sources is None:
+    if log_d_l.dim() == 1:
         d_c = sums / count.clamp_min(1.0)
         return (d_c * (torch.log(d_c.clamp_min(1e-12)) - log_d_l)).sum()
     d_c = sums.reshape(log_d_l.shape) / count.clamp_min(1.0).unsqueeze(-1)
