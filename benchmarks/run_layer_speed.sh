@@ -34,3 +34,7 @@ cp runs/ep1_step/ep_step_time.json "$out/" 2>/dev/null
 tail -40 "$out/moe_layer.log"
 tail -8 "$out/ep_step_time.log"
 tail -5 "$out/gpu_tests.log"
+# the Markdown tables of docs/performance.md section 3 (stdlib only)
+python3 benchmarks/layer_speed_report.py "$out/moe_layer.json" \
+  $( [ -f "$out/ep_step_time.json" ] && echo --step "$out/ep_step_time.json" ) > "$out/report.md" 2>&1
+tail -30 "$out/report.md"
