@@ -47,6 +47,8 @@ ITER_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(
 def model_flags(args) -> List[str]:
     if args.tiny:   # CPU smoke size: the same flags, small dimensions
         dims = dict(layers=2, hidden=64, heads=4, seq=64, experts=8, ffn=32, vocab=512)
+    elif args.model == "qwen3-like":   # Qwen3-30B-A3B's MoE layer (128 experts of FFN 768, top-8), fewer layers
+        dims = dict(layers=args.layers, hidden=2048, heads=32, seq=4096, experts=128, ffn=768, vocab=32000)
     else:
         dims = dict(layers=args.layers, hidden=2048, heads=16, seq=4096, experts=64, ffn=1024, vocab=32000)
     return [
@@ -71,7 +73,7 @@ TE_FUSIONS = ["--moe-permute-fusion", "--moe-router-fusion"]
 A2A_OVERLAP = ["--overlap-moe-expert-parallel-comm"]
 C2R_DEDUP = ["--moe-router-policy", "c2r", "--moe-dedup-dispatch"]
 FP8 = ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]
-TOP4 = ["--moe-router-topk", "4"]
+TOP4 = ["--moe-router-topk", "TOPK"]   # top-4 (top-8 for --model qwen3-like)
 ROUTER_KERNEL = ["--moe-router-kernel", "fused"]
 TORCH = ["--moe-expert-backend", "torch"]   # group h: the device-splits layer needs the torch experts
 SHARED = ["--moe-router-topk", "3", "--moe-shared-expert-intermediate-size", "FFN", "--moe-shared-expert-gate"]
@@ -134,7 +136,8 @@ def row_flags(name: str, args) -> List[str]:
 
         flags = flags + list(LOCAL_IMPL_FLAGS)
     ffn = "32" if args.tiny else "1024"
-    return [{"FFN": ffn, "HALF": str(max(1, args.nproc // 2))}.get(f, f) for f in flags]
+    topk = "8" if getattr(args, "model", "default") == "qwen3-like" and not args.tiny else "4"
+    return [{"FFN": ffn, "HALF": str(max(1, args.nproc // 2)), "TOPK": topk}.get(f, f) for f in flags]
 
 
 def run_flags(name: str, args) -> List[str]:
@@ -230,6 +233,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--experts", choices=("torch", "te"), default="torch",
                     help="expert backend of every row not named `te experts`")
     ap.add_argument("--rows", default=None, help="comma-separated row names (default: the group's)")
+    ap.add_argument("--model", choices=("default", "qwen3-like"), default="default",
+                    help="default: 64 experts (FFN 1024) top-4; qwen3-like: 128 experts (FFN 768) top-8, "
+                         "32 heads (use --layers 4 on one GPU: 8 layers of it do not fit with Adam)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--microbatches", type=int, default=4, help="micro-batches per DP rank per step")
     ap.add_argument("--warmup", type=int, default=5)

@@ -5,8 +5,9 @@
 #   1. the compiled kernels against their references: fused router, CUDA-graphed layer (pytest -m gpu)
 #   2. benchmarks/moe_layer.py: every row of the layer table beside the floor, kernel-time sums
 #   3. benchmarks/ep_step_time.py --nproc 1 --group h: the one-GPU training step, stock vs plugin
+#   4. (LIMIT_QWEN > 0) the same for the Qwen3-like model, 4 layers
 # There, from the repository root:
-#   bash benchmarks/run_layer_speed.sh            (limits: LIMIT_TESTS LIMIT_LAYER LIMIT_STEP, seconds)
+#   bash benchmarks/run_layer_speed.sh   (limits in seconds: LIMIT_TESTS LIMIT_LAYER LIMIT_STEP LIMIT_QWEN)
 # Everything lands in $OUT/layer_speed (or runs/layer_speed): logs and JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,13 @@ timeout "${LIMIT_STEP:-230}" python3 benchmarks/ep_step_time.py --nproc 1 --grou
   --rows "h stock,h device-splits +router kernel,h device-splits +router kernel +full-iteration graph,h c2r +dedup +router kernel" > "$out/ep_step_time.log" 2>&1
 echo "ep_step_time rc=$?" | tee -a "$out/steps.txt"
 cp runs/ep1_step/ep_step_time.json "$out/" 2>/dev/null
+if [ "${LIMIT_QWEN:-0}" -gt 0 ]; then   # 4. the Qwen3-like step, 4 layers (what fits one GPU)
+  timeout "$LIMIT_QWEN" python3 benchmarks/ep_step_time.py --nproc 1 --group h --model qwen3-like --layers 4 \
+    --warmup 3 --timed 8 --profile-steps 1 --row-timeout 90 --out runs/ep1_qwen \
+    --rows "h stock,h device-splits +router kernel,h c2r +dedup +router kernel" > "$out/ep_step_time_qwen.log" 2>&1
+  echo "ep_step_time qwen3-like rc=$?" | tee -a "$out/steps.txt"
+  cp runs/ep1_qwen/ep_step_time.json "$out/ep_step_time_qwen.json" 2>/dev/null
+fi
 tail -40 "$out/moe_layer.log"
 tail -8 "$out/ep_step_time.log"
 tail -5 "$out/gpu_tests.log"
