@@ -147,7 +147,7 @@ class MoEExtConfig:
     ep1_host_splits: bool = _opt(False)
     """On one EP rank with --moe-expert-backend torch, keep Megatron's dispatcher, which copies the
     tokens per expert to the host and waits for them in every MoE layer, instead of the plugin's
-    device-splits dispatcher (the same function, no host wait); for comparisons."""
+    device-splits dispatcher (the same function up to float rounding, no host wait); for comparisons."""
 
     expert_backend: Optional[str] = _opt(None, choices=EXPERT_BACKENDS)
     """Routed experts: te (Megatron's TEGroupedMLP), torch (the plugin's torch._grouped_mm
