@@ -71,6 +71,40 @@ def megatron_cpu():
     return common
 
 
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """host_reads(fn) runs fn() and returns its Python-level reads of tensors to the host
+    (Tensor.item, tolist, cpu, numpy, bool/int/float of a tensor), each with where it happened:
+    what a CUDA graph capture or a host that never waits for the GPU cannot have."""
+    import traceback
+
+    import torch
+
+    def run(fn):
+        reads = []
+
+        def guarded(method, orig):
+            def f(self, *a, **kw):
+                where = [fr for fr in traceback.extract_stack()[:-1] if "site-packages/torch" not in fr.filename]
+                reads.append(f"{method} at " + " <- ".join(f"{fr.filename.rsplit('/', 1)[-1]}:{fr.lineno}"
+                                                            for fr in reversed(where[-3:])))
+                return orig(self, *a, **kw)
+            return f
+
+        for method in HOST_READS:
+            monkeypatch.setattr(torch.Tensor, method, guarded(method, getattr(torch.Tensor, method)))
+        try:
+            fn()
+        finally:
+            monkeypatch.undo()
+        return reads
+
+    return run
+
+
 # --- the plugin's pretrain entry on 2 CPU gloo ranks (EP=2), tiny model, mock data -------------
 
 TINY_MODEL = dict(num_layers=2, hidden=64, experts=4, topk=2, ep=2, seq_length=64)

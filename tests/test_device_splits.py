@@ -4,13 +4,8 @@ second permutation is the identity on one rank, and the gather-based permutation
 rows in Megatron's order), and no host read in a training forward and backward
 of the whole MoE layer, where Megatron's dispatcher reads its counts on every forward."""
 
-import traceback
-
 import pytest
 import torch
-
-READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
-
 
 def _layer(megatron_cpu, layer_cls, experts="torch", topk=2, **over):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
@@ -72,28 +67,8 @@ def test_same_function_as_megatrons_dispatcher(megatron_cpu, topk):
         assert gp0.keys() == gp1.keys() and all(same(gp1[k], gp0[k]) for k in gp0)
 
 
-def _host_reads(layer, x, monkeypatch) -> list:
-    reads = []
-
-    def guarded(method, orig):
-        def f(self, *a, **kw):
-            where = [fr for fr in traceback.extract_stack()[:-1] if "site-packages/torch" not in fr.filename]
-            reads.append(f"{method} at " + " <- ".join(f"{fr.filename.rsplit('/', 1)[-1]}:{fr.lineno}"
-                                                        for fr in reversed(where[-3:])))
-            return orig(self, *a, **kw)
-        return f
-
-    for method in READS:
-        monkeypatch.setattr(torch.Tensor, method, guarded(method, getattr(torch.Tensor, method)))
-    try:
-        _step(layer, x)
-    finally:
-        monkeypatch.undo()
-    return reads
-
-
 @pytest.mark.parametrize("kernel", ["megatron", "fused"])
-def test_no_host_reads_in_the_layer(megatron_cpu, monkeypatch, kernel):
+def test_no_host_reads_in_the_layer(megatron_cpu, host_reads, kernel):
     """The whole MoE layer (router, permute, experts, unpermute, aux loss) after its first step;
     Megatron's own layer, the control, reads its counts (the check can fail)."""
     import functools
@@ -120,8 +95,8 @@ def test_no_host_reads_in_the_layer(megatron_cpu, monkeypatch, kernel):
     for layer in (ours, stock):
         layer.train()
         _step(layer, x)  # the first forward may read (once-per-load checks)
-    assert _host_reads(ours, x, monkeypatch) == []
-    assert _host_reads(stock, x, monkeypatch), "Megatron's dispatcher should read its counts"
+    assert host_reads(lambda: _step(ours, x)) == []
+    assert host_reads(lambda: _step(stock, x)), "Megatron's dispatcher should read its counts"
 
 
 def test_the_spec_chooses_the_layer(megatron_cpu):
