@@ -186,7 +186,8 @@ def run_row(name: str, args, workdir: str) -> dict:
            "command": " ".join(cmd[1:]).replace(args.out, "<out>"), "iterations_timed": len(timed), "step_ms": statistics.median(timed) if timed else None,
            "step_ms_min": min(timed) if timed else None}
     if rc != 0 and not row["completed"]:
-        row["log_tail"] = log[-3000:]
+        # the JSON goes into docs: the checkout's path as <repo>, as the commands name <out>
+        row["log_tail"] = log[-3000:].replace(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/", "<repo>/")
     traces = sorted(glob.glob(os.path.join(rundir, "torch_profile", "rank-*.json.gz")))
     if traces:
         per_rank = [comm_overlap(load_trace_events(t)) for t in traces]
