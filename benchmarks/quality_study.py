@@ -499,7 +499,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         todo_all = parse_runs(args.rows, args.seeds)
     except ValueError as e:
         ap.error(str(e))
-    args.row_list = list(dict.fromkeys(name for name, _ in todo_all))
     os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
     data = resolve_data(args)
     todo = []
@@ -520,7 +519,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results.append(json.load(f))
     results.sort(key=lambda r: (order.get(r["row"], 99), r["seed"]))
     table = summary_table(results)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "data", "row_list")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "data")}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"settings": settings, "dims": dims(args), "iterations": iterations(args),
                    "results": results}, f, indent=1)
