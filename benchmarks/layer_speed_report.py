@@ -39,10 +39,14 @@ def layer_table(shape: str, rows: dict, floor_ms: float) -> List[str]:
 def router_table(rows: dict) -> List[str]:
     """Markdown lines: each router row's eager ms and busy fraction, and its CUDA-graph ms."""
     out = ["| router | eager ms | GPU busy | kernel ms | CUDA graph ms |", "|---|---|---|---|---|"]
+    suffix = ", cuda graph"
     for name, v in rows.items():
-        if not name.startswith("router") or name.endswith("cuda graph"):
+        if not name.startswith("router") or (name.endswith(suffix) and name[:-len(suffix)] in rows):
             continue
-        graph = rows.get(name + ", cuda graph", {})
+        if name.endswith(suffix):   # captured only (no eager row of its own)
+            out.append(f"| {name[len('router '):-len(suffix)]} | | | | {_cell(v.get('router_ms'), '.3f')} |")
+            continue
+        graph = rows.get(name + suffix, {})
         kernel = v.get("kernels", {}).get("kernel_sum_ms")
         out.append(f"| {name[len('router '):]} | {_cell(v.get('router_ms'), '.3f')} | {_cell(v.get('gpu_busy'), '.0%')} "
                    f"| {_cell(kernel, '.3f')} | {_cell(graph.get('router_ms'), '.3f')} |")

@@ -19,8 +19,10 @@ fresh random tensors. Rows:
   torch fp8 cached w   the same with the weight quantization reused (what gradient accumulation
                        over several micro-batches approaches)
   router topk/c2r/locmoe   the router alone, fwd+bwd, same inputs (and `unfused` with TE)
-  router .. kernel         the same with --moe-router-kernel fused (kernels/fused_router.py), and
-                       `, cuda graph`: its forward+backward captured in a CUDA graph and replayed
+  router .. kernel         the same with --moe-router-kernel fused (kernels/fused_router.py and the
+                       tensor-core gating GEMM, kernels/router_gemm.py), and `, cuda graph`: its
+                       forward+backward captured in a CUDA graph and replayed; `, megatron gating`:
+                       the fused top-k with Megatron's FP32 gating GEMMs instead
   floor                the expert GEMMs alone: torch._grouped_mm BF16 fwd+bwd, rows split evenly
   torch bf16 device-splits [+router kernel] [, cuda graph]   the layer as the plugin runs it at
                        EP = 1 (mcore/device_splits.py: counts on the device, no host wait), with
@@ -447,6 +449,15 @@ def main() -> None:
                         "router_ms": median_ms(graphed_router_step(layer, pool), args.iters, args.warmup)}
                 except Exception as e:
                     rows[label + ", cuda graph"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                if policy == "topk":   # the same with Megatron's FP32 gating GEMMs (before router_gemm.py)
+                    from megatron.core.transformer.moe.router import TopKRouter
+
+                    layer.router.gating = functools.partial(TopKRouter.gating, layer.router)
+                    try:
+                        rows[label + ", megatron gating, cuda graph"] = {
+                            "router_ms": median_ms(graphed_router_step(layer, pool), args.iters, args.warmup)}
+                    except Exception as e:
+                        rows[label + ", megatron gating, cuda graph"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 del layer
             except Exception as e:
                 rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}

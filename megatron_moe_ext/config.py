@@ -58,7 +58,8 @@ class MoEExtConfig:
     router_kernel: Literal["megatron", "fused"] = _opt("megatron")
     """The router's selection: Megatron's routing functions, or fused: one Triton kernel each way
     for the softmax score, the policy's choice (top-k, C2R, LocMoE's bias), the probabilities and
-    the aux-loss statistics (kernels/fused_router.py). Refused at parsing with what it never
+    the aux-loss statistics (kernels/fused_router.py); with --moe-router-dtype fp32 and BF16
+    weights, the gating GEMM on tensor cores too (kernels/router_gemm.py). Refused at parsing with what it never
     covers (another score function, expert bias, sequence/global aux losses, LocMoE+, an emulated
     LocMoE layout); padding masks, routing replay and DGMoE's exclusions take Megatron's path
     for that forward."""

@@ -30,3 +30,18 @@ def test_default_floor_is_the_runs_own_row_and_a_wrong_count_is_refused():
     out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "layer_speed_report.py"),
                           os.path.join(RUN, "moe_layer.json"), "--floor-ms", "1,2"], capture_output=True, text=True)
     assert out.returncode != 0 and "3 shapes" in out.stderr
+
+
+def test_a_captured_only_router_row_gets_its_own_line(tmp_path):
+    import json
+
+    run = json.load(open(os.path.join(RUN, "moe_layer.json")))
+    first = next(iter(run["shapes"].values()))
+    first["router topk kernel, megatron gating, cuda graph"] = {"router_ms": 0.4567}
+    path = tmp_path / "moe_layer.json"
+    path.write_text(json.dumps(run))
+    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "layer_speed_report.py"), str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "| topk kernel, megatron gating | | | | 0.457 |" in out.stdout
+    assert "| topk kernel | 2.614 | 12% | 0.321 | 0.375 |" in out.stdout

@@ -30,6 +30,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from megatron_moe_ext.kernels.router_gemm import gating_logits, tensor_core_gating_applies
 from megatron_moe_ext.mcore.iteration import IterationState
 from megatron_moe_ext.routing.scores import selection_scores
 from megatron_moe_ext.routing.topology import EPTopology
@@ -98,6 +99,16 @@ class PolicyRouter(TopKRouter, IterationState):
             yield
         finally:
             self._excluded = None
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """input [S, B, H] -> logits [S, B, E]. With --moe-router-kernel fused and
+        --moe-router-dtype fp32 on BF16 weights, the GEMMs run on tensor cores
+        (kernels/router_gemm.py: the same FP32 logits, gradients to BF16's rounding); otherwise
+        Megatron's gating."""
+        if self.ext_cfg.router_kernel == "fused" and tensor_core_gating_applies(
+                input, self.weight, self.config.moe_router_dtype):
+            return gating_logits(input, self.weight, self.bias)
+        return super().gating(input)
 
     def is_training_forward(self) -> bool:
         """A forward that trains: counted once per micro-batch (the no-grad first pass of an
