@@ -279,7 +279,9 @@ KERNEL_CLASSES = (  # first match wins (FP8 GEMMs' names mention e4m3); as the p
 
 
 def kernel_breakdown(step, steps: int = 5) -> dict:
-    """GPU time per step by kernel class (torch.profiler), ms, plus the five largest kernels."""
+    """GPU time per step by kernel class (torch.profiler), ms, plus the 15 largest kernels (names
+    cut at 300 characters: torch's elementwise kernels differ only by the functor in their
+    template arguments)."""
     from torch.profiler import ProfilerActivity, profile
 
     step(0)
@@ -296,8 +298,8 @@ def kernel_breakdown(step, steps: int = 5) -> dict:
         name = evt.key.lower()
         cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other")
         classes[cls] = classes.get(cls, 0.0) + us / 1e3 / steps
-        kernels[evt.key[:80]] = us / 1e3 / steps
-    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:5])
+        kernels[evt.key[:300]] = kernels.get(evt.key[:300], 0.0) + us / 1e3 / steps
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15])
     return {"classes_ms": classes, "top_kernels_ms": top, "kernel_sum_ms": sum(classes.values())}
 
 

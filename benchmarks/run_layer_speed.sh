@@ -7,7 +7,8 @@
 #   3. benchmarks/ep_step_time.py --nproc 1 --group h: the one-GPU training step, stock vs plugin
 #   4. (LIMIT_QWEN > 0) the same for the Qwen3-like model, 4 layers
 # There, from the repository root:
-#   bash benchmarks/run_layer_speed.sh   (limits in seconds: LIMIT_TESTS LIMIT_LAYER LIMIT_STEP LIMIT_QWEN)
+#   bash benchmarks/run_layer_speed.sh   (limits in seconds: LIMIT_TESTS LIMIT_LAYER LIMIT_STEP LIMIT_QWEN;
+#   ROWS_STEP / ROWS_QWEN: ep_step_time --rows of steps 3 and 4; each row takes about 45 s there)
 # Everything lands in $OUT/layer_speed (or runs/layer_speed): logs and JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,13 +30,13 @@ echo "moe_layer rc=$?" | tee -a "$out/steps.txt"
 
 timeout "${LIMIT_STEP:-230}" python3 benchmarks/ep_step_time.py --nproc 1 --group h --warmup 3 --timed 8 \
   --profile-steps 1 --row-timeout 70 --out runs/ep1_step \
-  --rows "h stock,h device-splits +router kernel,h device-splits +router kernel +full-iteration graph,h c2r +dedup +router kernel" > "$out/ep_step_time.log" 2>&1
+  --rows "${ROWS_STEP:-h stock,h device-splits +router kernel,h device-splits +router kernel +full-iteration graph,h c2r +dedup +router kernel}" > "$out/ep_step_time.log" 2>&1
 echo "ep_step_time rc=$?" | tee -a "$out/steps.txt"
 cp runs/ep1_step/ep_step_time.json "$out/" 2>/dev/null
 if [ "${LIMIT_QWEN:-0}" -gt 0 ]; then   # 4. the Qwen3-like step, 4 layers (what fits one GPU)
   timeout "$LIMIT_QWEN" python3 benchmarks/ep_step_time.py --nproc 1 --group h --model qwen3-like --layers 4 \
     --warmup 3 --timed 8 --profile-steps 1 --row-timeout 90 --out runs/ep1_qwen \
-    --rows "h stock,h device-splits +router kernel,h c2r +dedup +router kernel" > "$out/ep_step_time_qwen.log" 2>&1
+    --rows "${ROWS_QWEN:-h stock,h device-splits +router kernel,h device-splits +router kernel +full-iteration graph,h c2r +dedup +router kernel}" > "$out/ep_step_time_qwen.log" 2>&1
   echo "ep_step_time qwen3-like rc=$?" | tee -a "$out/steps.txt"
   cp runs/ep1_qwen/ep_step_time.json "$out/ep_step_time_qwen.json" 2>/dev/null
 fi

@@ -41,14 +41,18 @@ def _rel(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-@pytest.mark.parametrize("kernel", ["megatron", "fused"])
+@pytest.mark.parametrize("kernel", ["megatron", "fused", "locmoe-fused"])
 def test_graphed_layer_replays_the_eager_layer(moe_layer_bench, kernel):
+    """locmoe-fused: LocMoE's router with the fused kernel, its node-local bias and its locality
+    loss from the kernel's score sums (the loss's log D_l once moved a CPU tensor per forward)."""
     from megatron_moe_ext.config import MoEExtConfig
     from megatron_moe_ext.mcore.device_splits import DeviceSplitsMoELayer, DeviceSplitsTokenDispatcher
-    from megatron_moe_ext.mcore.router import TopKPolicyRouter
+    from megatron_moe_ext.mcore.router import LocMoERouter, TopKPolicyRouter
 
-    router = functools.partial(TopKPolicyRouter, ext_cfg=MoEExtConfig(router_kernel="fused")) \
-        if kernel == "fused" else None
+    router = {"megatron": None,
+              "fused": functools.partial(TopKPolicyRouter, ext_cfg=MoEExtConfig(router_kernel="fused")),
+              "locmoe-fused": functools.partial(LocMoERouter, ext_cfg=MoEExtConfig(
+                  router_policy="locmoe", router_kernel="fused", locmoe_local_bias=0.5))}[kernel]
     build = functools.partial(moe_layer_bench.build, SHAPE, "torch bf16", router=router, fused=False,
                               layer_cls=DeviceSplitsMoELayer)
     graphed, eager = build(), build()

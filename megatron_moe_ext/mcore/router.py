@@ -594,9 +594,8 @@ class LocMoERouter(PolicyRouter):
         pool = self._pool_over_tp_shards()
         if score_sums is not None and self.score_function == "softmax" and self.token_sources() is None:
             # the fused kernel summed the same softmax scores: D_c without another [T, E] pass
-            log_d_l = self._log_d_l.to(device=score_sums.device, dtype=score_sums.dtype)
             return locality_kl_from_sums(score_sums, score_sums.new_full((1,), logits.shape[0]),
-                                         log_d_l, pool=pool)
+                                         self._log_d_l_like(score_sums), pool=pool)
         if scores_for_aux is not None:
             scores = scores_for_aux  # Megatron's balance-loss scores: the same function, computed once
         elif self.score_function == "softmax":
@@ -605,9 +604,15 @@ class LocMoERouter(PolicyRouter):
             scores = torch.sigmoid(logits.float())
             scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
         valid = None if padding_mask is None else ~padding_mask
-        if self._log_d_l.device != scores.device or self._log_d_l.dtype != scores.dtype:
-            self._log_d_l = self._log_d_l.to(device=scores.device, dtype=scores.dtype)
-        return locality_kl(scores, self._log_d_l, valid=valid, pool=pool, sources=self.token_sources())
+        return locality_kl(scores, self._log_d_l_like(scores), valid=valid, pool=pool,
+                           sources=self.token_sources())
+
+    def _log_d_l_like(self, t: torch.Tensor) -> torch.Tensor:
+        """log D_l on t's device and dtype, moved once and kept: a host-to-device copy per
+        forward would be a stall, and one a CUDA graph cannot capture."""
+        if self._log_d_l.device != t.device or self._log_d_l.dtype != t.dtype:
+            self._log_d_l = self._log_d_l.to(device=t.device, dtype=t.dtype)
+        return self._log_d_l
 
     def _pool_over_tp_shards(self):
         """Under sequence parallelism each TP (x CP) rank routes a shard of the micro-batch; D_c is
