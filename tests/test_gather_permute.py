@@ -65,3 +65,50 @@ def test_fewer_experts_no_nan_and_no_gradient_to_leftover_rows():
     out.sum().backward()
     assert maps.row_valid.tolist() == [True] * 5 + [False]
     assert rows.grad[~maps.row_valid].abs().sum() == 0 and (rows.grad[maps.row_valid] == 1).all()
+
+
+def _kernel_case(T, E, k, dtype, seed, device="cpu"):
+    """The Triton gather-sum against gather_sum_reference: a routing map where some tokens have
+    fewer than k experts, and inf in the rows their unused slots point at."""
+    from megatron_moe_ext.kernels.gather_permute import _gather_sum, gather_sum_reference
+
+    rmap = _routing_map(T, E, k, seed)
+    rmap[::5, :] = False
+    rmap[::5, 0] = True                       # every fifth token: one expert only
+    maps = permutation_maps(rmap.to(device), k)
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(T * k, 200, generator=g).to(device=device, dtype=dtype)   # H not a power of 2
+    leftover = (~maps.row_valid).nonzero()[:, 0]          # rows past the routed pairs
+    maps.rows_of_token[~maps.valid] = leftover[0]          # unused slots point at one of them,
+    src[leftover] = float("inf")                           # which holds inf
+    got, ref = _gather_sum(src, maps), gather_sum_reference(src, maps)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    # the same FP32 sum of k values, maybe in another order: one rounding of the result's dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+KERNEL_CASES = [(37, 8, 2, torch.float32, 1), (64, 16, 4, torch.float64, 2), (20, 128, 8, torch.bfloat16, 3)]
+
+
+def test_triton_gather_sum_interpreted():
+    """The kernel itself, interpreted on CPU (TRITON_INTERPRET=1 in a child process); compiled:
+    tests/test_gpu_kernels.py. Then this file's Megatron comparisons through the kernel."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    code = ("import torch, test_gather_permute as t\n"
+            "from megatron_moe_ext.kernels.triton_support import use_triton\n"
+            "assert use_triton(torch.zeros(1))\n"
+            "for c in t.KERNEL_CASES: t._kernel_case(*c)\n"
+            "for c in [(37, 8, 2), (64, 16, 4), (20, 128, 8)]: t.test_same_as_megatrons_permutation(*c)\n"
+            "t.test_a_token_with_fewer_experts_sums_only_its_own()\n"
+            "t.test_fewer_experts_no_nan_and_no_gradient_to_leftover_rows()\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=here)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

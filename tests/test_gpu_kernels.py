@@ -214,3 +214,19 @@ def test_gating_gemm_matches_megatrons_fp32_gating(e):
     scales = ((u @ w.float().abs()).view(x.shape), u.t() @ x.float().abs().reshape(-1, 2048))
     for a, ref, scale in zip(ours[1:3], theirs[1:3], scales):
         cpu._assert_within_one_bf16_step(a, ref, scale)
+
+
+# --- the gather-sum of the device-splits permutation (kernels/gather_permute.py) -----------------
+# The CPU test (tests/test_gather_permute.py) runs the kernel interpreted; here compiled, on the
+# small cases and at the Qwen3-like layer's row count (8192 tokens x 8 rows; H 200, not a power of 2).
+
+
+@pytest.mark.parametrize("case", [(37, 8, 2, torch.float32, 1), (20, 128, 8, torch.bfloat16, 3),
+                                  (8192, 128, 8, torch.bfloat16, 4)], ids=["small-fp32", "small-bf16", "qwen3-like"])
+def test_gather_sum_kernel_matches_reference(case):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import test_gather_permute as cpu
+
+    cpu._kernel_case(*case, device=DEV)
