@@ -101,6 +101,14 @@ class RoutedPass:
         self.routing_map = None
         self._rows = self._probs = self._out = None
         self._computed = False
+        if self.use_streams:
+            # x (and the masks) come from the main stream and are read on the side stream: without
+            # this, once nothing else holds them (evaluation: no autograd graph keeps x), the
+            # main stream could reuse their memory before the side stream's router and
+            # permutation have read it
+            for t in (x, padding_mask, exclude):
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(self.side)
         with self._on_side():
             with _excluding(moe.router, exclude):
                 probs, routing_map = moe.router(x, padding_mask)
