@@ -24,7 +24,7 @@ def main() -> None:
     from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 
     from megatron_moe_ext.experts import fp8_quant as fq
-    from megatron_moe_ext.experts.swiglu import weighted_swiglu
+    from megatron_moe_ext.experts.weighted_activation import weighted_swiglu
 
     torch.manual_seed(0)
     dev = "cuda"

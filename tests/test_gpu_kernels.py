@@ -6,7 +6,7 @@ kernels against float64 autograd. Fresh random inputs (fixed seeds).
     pytest -m gpu -rs tests/test_gpu_kernels.py          (on the GPU machine: benchmarks/run_gpu_tests.sh)
 
 Without CUDA every test here skips. The CPU counterparts run everywhere: the same Triton kernels
-under TRITON_INTERPRET=1 (tests/test_fp8_experts.py, tests/test_swiglu_kernel.py) and the
+under TRITON_INTERPRET=1 (tests/test_fp8_experts.py, tests/test_weighted_activation_kernels.py) and the
 emulated FP8 path (tests/test_fp8_experts.py). Timings: benchmarks/expert_kernels_gpu.py.
 """
 
@@ -22,7 +22,7 @@ HAS_CUDA = torch.cuda.is_available()
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: compiled Triton kernels and torch's FP8 grouped GEMM "
-                                            "(CPU variants: tests/test_fp8_experts.py, tests/test_swiglu_kernel.py)"),
+                                            "(CPU variants: tests/test_fp8_experts.py, tests/test_weighted_activation_kernels.py)"),
 ]
 
 # The plugin's own FP8 condition (fp8_grouped_mlp.fp8_supported): e4m3 casts in Triton and FP8 GEMMs
@@ -127,7 +127,7 @@ def test_scaled_grouped_mm_matches_the_float32_emulation(which):
     assert rel < GEMM_TOL, f"{which}: rel err {rel:.2e} (tolerance {GEMM_TOL})"
 
 
-# --- weighted SwiGLU: Triton forward and backward vs float64 autograd ---------------------------
+# --- weighted SwiGLU and GELU: Triton forward and backward vs float64 autograd ------------------
 # The reference takes the same (already rounded) inputs in float64, so the kernel's error is its
 # own: float32 arithmetic rounded once to the input dtype.
 SWIGLU_TOL = {
@@ -142,19 +142,22 @@ SWIGLU_TOL = {
 
 
 @functools.lru_cache(maxsize=None)
-def _swiglu_errors(dtype: torch.dtype, t: int, f: int) -> dict:
-    from megatron_moe_ext.experts.swiglu import weighted_swiglu
+def _activation_errors(glu: bool, dtype: torch.dtype, t: int, f: int) -> dict:
+    from megatron_moe_ext.experts.weighted_activation import weighted_gelu, weighted_swiglu
 
     torch.manual_seed(0)
-    x = (torch.randn(t, 2 * f, device=DEV) * 2).to(dtype).requires_grad_(True)
+    x = (torch.randn(t, (2 if glu else 1) * f, device=DEV) * 2).to(dtype).requires_grad_(True)
     pr = torch.rand(t, device=DEV, requires_grad=True)
     dy = torch.randn(t, f, device=DEV).to(dtype)
-    y = weighted_swiglu(x, pr)
-    assert type(y.grad_fn).__name__ == "_WeightedSwiGLUBackward", "not the Triton kernel (is Triton importable?)"
+    y = (weighted_swiglu if glu else weighted_gelu)(x, pr)
+    assert type(y.grad_fn).__name__ == "_WeightedActBackward", "not the Triton kernel (is Triton importable?)"
     y.backward(dy)
     xr, prr = x.detach().double().requires_grad_(True), pr.detach().double().requires_grad_(True)
-    gate, up = xr.chunk(2, dim=-1)
-    yr = torch.nn.functional.silu(gate) * up * prr.unsqueeze(-1)
+    if glu:
+        gate, up = xr.chunk(2, dim=-1)
+        yr = torch.nn.functional.silu(gate) * up * prr.unsqueeze(-1)
+    else:
+        yr = torch.nn.functional.gelu(xr) * prr.unsqueeze(-1)
     yr.backward(dy.double())
     assert y.dtype == x.grad.dtype == dtype and pr.grad.dtype == torch.float32
     return {"out": _rel(y, yr), "d_fc1": _rel(x.grad, xr.grad), "d_probs": _rel(pr.grad, prr.grad)}
@@ -163,10 +166,11 @@ def _swiglu_errors(dtype: torch.dtype, t: int, f: int) -> dict:
 @pytest.mark.parametrize("which", ["out", "d_fc1", "d_probs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("t,f", [(3000, 1408), (64, 2500)], ids=["3000x1408-one-block", "64x2500-several-blocks"])
-def test_weighted_swiglu_matches_float64_autograd(t, f, dtype, which):
-    rel = _swiglu_errors(dtype, t, f)[which]
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_weighted_activation_matches_float64_autograd(act, t, f, dtype, which):
+    rel = _activation_errors(act == "swiglu", dtype, t, f)[which]
     tol = SWIGLU_TOL[dtype]
-    assert rel < tol, f"{which} {dtype}: rel err {rel:.2e} (tolerance {tol})"
+    assert rel < tol, f"{act} {which} {dtype}: rel err {rel:.2e} (tolerance {tol})"
 
 
 # --- the fused router selection: compiled Triton kernels vs the plain-torch reference ----------

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_moe_ext.experts.swiglu import weighted_swiglu
+from megatron_moe_ext.experts.weighted_activation import weighted_gelu, weighted_swiglu
 from megatron_moe_ext.kernels.triton_support import use_triton
 
 
@@ -108,7 +108,9 @@ class TorchGroupedMLP(MegatronModule):
         offs = torch.cumsum(tokens_per_expert.to(device=tokens.device), 0).to(torch.int32)
         fc1_out = self.grouped_mm(tokens, self.linear_fc1.weight, offs)
         if self._plain_swiglu() and use_triton(fc1_out):
-            hidden = weighted_swiglu(fc1_out, probs)  # one fused pass each way (swiglu.py)
+            hidden = weighted_swiglu(fc1_out, probs)  # one fused pass each way (weighted_activation.py)
+        elif self._plain_gelu() and use_triton(fc1_out):
+            hidden = weighted_gelu(fc1_out, probs)    # the same for GELU
         elif self._plain_swiglu() and self.config.bias_activation_fusion:
             from megatron.core.fusions.fused_bias_swiglu import (
                 weighted_bias_swiglu_impl,
@@ -131,6 +133,10 @@ class TorchGroupedMLP(MegatronModule):
         cfg = self.config
         return bool(cfg.gated_linear_unit and cfg.activation_func is torch.nn.functional.silu
                     and cfg.activation_func_clamp_value is None and not cfg.glu_linear_offset)
+
+    def _plain_gelu(self) -> bool:
+        """Torch's erf GELU without a GLU: what the fused GELU kernel computes."""
+        return not self.config.gated_linear_unit and self.config.activation_func is torch.nn.functional.gelu
 
     # -- distributed checkpoints: SequentialMLP's keys ----------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
