@@ -66,6 +66,7 @@ def test_defaults_round_trip_from_flags():
     (["--moe-ranks-per-node", "3"], {"expert_model_parallel_size": 4}, "--moe-ranks-per-node"),
     (["--moe-ext-metrics-bytes-per-element", "3"], {}, "--moe-ext-metrics-bytes-per-element"),
     (["--moe-expert-backend", "torch"], {"delay_wgrad_compute": True}, "--delay-wgrad-compute"),
+    (["--moe-expert-backend", "torch"], {"use_te_activation_func": True}, "--use-te-activation-func"),
     (["--routing-trace-interval", "5"], {}, "--save-routing-trace"),
     (["--routing-trace-interval", "-1", "--save-routing-trace", "d"], {}, "--routing-trace-interval"),
     (["--moe-dedup-dispatch"], {"transformer_impl": "inference_optimized"}, "--transformer-impl"),

@@ -174,3 +174,35 @@ def test_pretrain_resumes_a_sequential_checkpoint_on_torch_experts(tmp_path):
     assert sorted(resumed) == [6, 7, 8]
     for it in (6, 7, 8):  # float32 on CPU, GEMMs summed in another order: ~1e-6 relative
         assert resumed[it] == pytest.approx(full[it], rel=1e-5), (it, resumed, full)
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu", "tanh-gelu"])
+def test_the_weighted_activation_kernels_are_chosen_where_they_compute_megatrons(megatron_cpu, monkeypatch, act):
+    """Where Triton runs (here pretended), plain SwiGLU takes weighted_swiglu and torch's erf GELU
+    without a GLU takes weighted_gelu; another GELU (tanh) keeps the plain activation. The
+    stand-in kernels are the references, so the output still equals the float64 reference."""
+    import functools
+
+    from megatron_moe_ext.experts import grouped_mlp, weighted_activation
+
+    calls = []
+
+    def recording(name, ref):
+        def run(fc1_out, probs):
+            calls.append(name)
+            return ref(fc1_out, probs)
+        return run
+
+    monkeypatch.setattr(grouped_mlp, "use_triton", lambda t: True)
+    monkeypatch.setattr(grouped_mlp, "weighted_swiglu", recording("swiglu", weighted_activation.weighted_swiglu_reference))
+    monkeypatch.setattr(grouped_mlp, "weighted_gelu", recording("gelu", weighted_activation.weighted_gelu_reference))
+    torch.manual_seed(0)
+    mod = _experts(megatron_cpu, glu=act == "swiglu")
+    if act == "tanh-gelu":
+        mod.config.activation_func = functools.partial(torch.nn.functional.gelu, approximate="tanh")
+    tpe = torch.tensor([5, 0, 9, 3])
+    x, probs = torch.randn(int(tpe.sum()), H), torch.rand(int(tpe.sum()))
+    y, _ = mod(x, tpe, probs)
+    assert calls == ({"swiglu": ["swiglu"], "gelu": ["gelu"], "tanh-gelu": []}[act])
+    ref = _reference(mod, x, tpe, probs)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < TOL[torch.float32]

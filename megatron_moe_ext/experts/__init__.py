@@ -40,6 +40,10 @@ def expert_backend_problem(backend: str, settings) -> Optional[str]:
                     f"--expert-tensor-parallel-size {etp} ranks; set --expert-tensor-parallel-size 1 "
                     "(Megatron defaults it to --tensor-model-parallel-size), which keeps attention TP, "
                     "or use --moe-expert-backend sequential.")
+        if get("use_te_activation_func"):
+            return (f"{flag} applies Megatron's --activation-func itself, while --use-te-activation-func "
+                    "asks for Transformer Engine's activation modules; drop --use-te-activation-func or "
+                    "use --moe-expert-backend te.")
         if get("delay_wgrad_compute"):
             return (f"{flag} computes its weight gradients inside its backward, while "
                     "--delay-wgrad-compute defers Transformer Engine's; drop --delay-wgrad-compute or "

@@ -13,8 +13,8 @@ Transformer Engine, runs three FP32 GEMMs (forward, dgrad, wgrad) on FFMA units:
   and each gradient is one BF16 GEMM with the split stacked along the shared dimension:
   dgrad  [hi | lo] [T, 2E] @ [w; w] [2E, H] -> BF16 (the input's dtype, as Megatron returns it);
   wgrad  [hi; lo]^T [2E, T] @ x [T, H] -> FP32, the two halves summed, then the weight's dtype.
-  Both results are rounded to BF16 at the end, as Megatron's are, 2^-9 relative: far coarser
-  than the split's 2^-17.
+  Both results are rounded to BF16 at the end, as Megatron's are (2^-8 relative): far coarser
+  than the split's 2^-17. (The dgrad GEMM's K is 2E, too short for cuBLAS to split it.)
 
 Off CUDA (or on a torch without `mm(..., out_dtype=)`), the BF16 GEMMs with FP32 output run as
 FP32 GEMMs of the cast operands: the same numbers, which is how the CPU tests check the split.
@@ -30,14 +30,11 @@ import torch
 
 @functools.lru_cache(maxsize=None)
 def _mm_out_dtype_on_cuda() -> bool:
-    """Whether this torch has the BF16 x BF16 -> FP32 `mm(..., out_dtype=)` (CUDA, torch >= 2.8)."""
-    if not torch.cuda.is_available():
-        return False
-    a = torch.zeros(16, 16, dtype=torch.bfloat16, device="cuda")
-    try:
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError):
-        return False
+    """Whether this torch has the BF16 x BF16 -> FP32 `mm(..., out_dtype=)` on this GPU (torch >= 2.8,
+    BF16 tensor cores: compute capability >= 8.0). Decided from the operator's schema and the
+    device, without launching anything: the first call may come inside a CUDA-graph capture."""
+    return (torch.cuda.is_available() and hasattr(torch.ops.aten.mm, "dtype")
+            and torch.cuda.get_device_capability() >= (8, 0))
 
 
 def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -48,8 +45,8 @@ def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def split_bf16(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """g (FP32) -> (hi, lo), both BF16 with hi + lo = g to about 2^-17 |g| (2^-8 of hi's rounding
-    error, itself at most 2^-9 |g|)."""
+    """g (FP32) -> (hi, lo), both BF16 with hi + lo = g to about 2^-17 |g| (lo rounds hi's
+    rounding error, itself at most 2^-8 |g|)."""
     hi = g.to(torch.bfloat16)
     return hi, (g - hi.float()).to(torch.bfloat16)
 
@@ -98,7 +95,8 @@ def tensor_core_gating_applies(inp: torch.Tensor, weight: torch.Tensor, router_d
     """Whether `gating_logits` computes what Megatron's gating would: FP32 logits asked for
     (`--moe-router-dtype fp32`) from BF16 input and weight (FP16 gradients would lose their small
     values in the split, FP64 is not this function)."""
-    return router_dtype == "fp32" and inp.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+    return (router_dtype == "fp32" and inp.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and inp.device == weight.device)   # (else Megatron's gating, which moves the weight)
 
 
 def gating_logits(inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

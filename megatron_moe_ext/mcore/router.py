@@ -440,7 +440,8 @@ class LocMoERouter(PolicyRouter):
         self._stats = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=dev)
         # log D_l, fixed by the placement: computed once, so the loss needs no host sync per step
         # (a plain attribute: Megatron's Float16Module would cast a buffer to bf16)
-        self._log_d_l = torch.log(localized_distribution(self.locality_mask.cpu(), self.ext_cfg.locmoe_eps))
+        self._log_d_l_master = torch.log(localized_distribution(self.locality_mask.cpu(), self.ext_cfg.locmoe_eps))
+        self._log_d_l = self._log_d_l_master.to(device=dev, dtype=torch.float32)
         # the local bias is on from the end of iteration W (checkpointed with a warm-up)
         warm = self.ext_cfg.locmoe_local_bias_warmup_steps
         self.register_buffer("locmoe_bias_on", torch.tensor([0.0 if warm else 1.0], device=dev),
@@ -608,10 +609,11 @@ class LocMoERouter(PolicyRouter):
                            sources=self.token_sources())
 
     def _log_d_l_like(self, t: torch.Tensor) -> torch.Tensor:
-        """log D_l on t's device and dtype, moved once and kept: a host-to-device copy per
-        forward would be a stall, and one a CUDA graph cannot capture."""
+        """log D_l on t's device and dtype (float32 on the router's device from construction;
+        after a later `.cuda()` moved once from the float64 master and kept): a host-to-device
+        copy per forward would be a stall, and one a CUDA graph cannot capture."""
         if self._log_d_l.device != t.device or self._log_d_l.dtype != t.dtype:
-            self._log_d_l = self._log_d_l.to(device=t.device, dtype=t.dtype)
+            self._log_d_l = self._log_d_l_master.to(device=t.device, dtype=t.dtype)
         return self._log_d_l
 
     def _pool_over_tp_shards(self):

@@ -103,9 +103,9 @@ class RoutedPass:
         self._computed = False
         if self.use_streams:
             # x (and the masks) come from the main stream and are read on the side stream: without
-            # this, once nothing else holds them (evaluation: no autograd graph keeps x), the
-            # main stream could reuse their memory before the side stream's router and
-            # permutation have read it
+            # this, once the last reference goes (at once in evaluation; in training when the
+            # side stream's backward releases its saved copy), the main stream could reuse their
+            # memory before the side stream has read it
             for t in (x, padding_mask, exclude):
                 if isinstance(t, torch.Tensor):
                     t.record_stream(self.side)
