@@ -7,7 +7,7 @@
 # There, from the repository root (carry .whl):
 #   bash benchmarks/run_gpu_tests.sh [more pytest arguments]
 # It installs the wheels into runs/wheel-site (benchmarks/wheel_env.sh) unless megatron-core and pytest import already, runs
-# `pytest -m gpu -rs tests/test_gpu_kernels.py tests/test_gpu_cuda_graph.py`, and copies the log to $OUT when that is set.
+# `pytest -m gpu -rs tests/test_gpu_kernels.py tests/test_gpu_cuda_graph.py tests/test_gpu_scmoe_streams.py`, and copies the log to $OUT when that is set.
 # Exit status: pytest's (0 only if every test passed or skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_
 mkdir -p runs
 log=runs/gpu_tests.log
 set +e
-python3 -m pytest -p no:cacheprovider -m gpu -rs -v tests/test_gpu_kernels.py tests/test_gpu_cuda_graph.py "$@" 2>&1 | tee "$log"
+python3 -m pytest -p no:cacheprovider -m gpu -rs -v tests/test_gpu_kernels.py tests/test_gpu_cuda_graph.py tests/test_gpu_scmoe_streams.py "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 [ -n "${OUT:-}" ] && cp "$log" "$OUT/gpu_tests.log"

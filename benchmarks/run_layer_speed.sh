@@ -21,7 +21,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
 
 timeout "${LIMIT_TESTS:-150}" python3 -m pytest -p no:cacheprovider -m gpu -rs -q \
-  tests/test_gpu_kernels.py tests/test_gpu_cuda_graph.py -k "fused_router or graph or gating or gather_sum or weighted_activation" > "$out/gpu_tests.log" 2>&1
+  tests/test_gpu_kernels.py tests/test_gpu_cuda_graph.py tests/test_gpu_scmoe_streams.py \
+  -k "fused_router or graph or gating or gather_sum or weighted_activation or side_stream" > "$out/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?" | tee -a "$out/steps.txt"
 
 timeout "${LIMIT_LAYER:-280}" python3 benchmarks/moe_layer.py --iters 30 --warmup 5 --kernels \
