@@ -143,7 +143,12 @@ SWIGLU_TOL = {
 
 @functools.lru_cache(maxsize=None)
 def _activation_errors(glu: bool, dtype: torch.dtype, t: int, f: int) -> dict:
-    from megatron_moe_ext.experts.weighted_activation import weighted_gelu, weighted_swiglu
+    from megatron_moe_ext.experts.weighted_activation import (
+        weighted_gelu,
+        weighted_gelu_reference,
+        weighted_swiglu,
+        weighted_swiglu_reference,
+    )
 
     torch.manual_seed(0)
     x = (torch.randn(t, (2 if glu else 1) * f, device=DEV) * 2).to(dtype).requires_grad_(True)
@@ -153,11 +158,7 @@ def _activation_errors(glu: bool, dtype: torch.dtype, t: int, f: int) -> dict:
     assert type(y.grad_fn).__name__ == "_WeightedActBackward", "not the Triton kernel (is Triton importable?)"
     y.backward(dy)
     xr, prr = x.detach().double().requires_grad_(True), pr.detach().double().requires_grad_(True)
-    if glu:
-        gate, up = xr.chunk(2, dim=-1)
-        yr = torch.nn.functional.silu(gate) * up * prr.unsqueeze(-1)
-    else:
-        yr = torch.nn.functional.gelu(xr) * prr.unsqueeze(-1)
+    yr = (weighted_swiglu_reference if glu else weighted_gelu_reference)(xr, prr)   # float64 autograd
     yr.backward(dy.double())
     assert y.dtype == x.grad.dtype == dtype and pr.grad.dtype == torch.float32
     return {"out": _rel(y, yr), "d_fc1": _rel(x.grad, xr.grad), "d_probs": _rel(pr.grad, prr.grad)}

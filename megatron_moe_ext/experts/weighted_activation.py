@@ -23,15 +23,21 @@ import torch
 from megatron_moe_ext.kernels.triton_support import tl, triton, use_triton
 
 
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)   # float32, or float64 for float64 input
+
+
 def weighted_swiglu_reference(fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """fc1_out [T, 2F], probs [T] -> [T, F] in fc1_out's dtype (float32 arithmetic)."""
-    gate, up = fc1_out.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up * probs.float().unsqueeze(-1)).to(fc1_out.dtype)
+    """fc1_out [T, 2F], probs [T] -> [T, F] in fc1_out's dtype (float32 arithmetic; float64 for
+    float64 input, which makes it the tests' float64 reference too)."""
+    gate, up = fc1_out.to(_math_dtype(fc1_out)).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up * probs.to(gate.dtype).unsqueeze(-1)).to(fc1_out.dtype)
 
 
 def weighted_gelu_reference(fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """fc1_out [T, F], probs [T] -> [T, F] in fc1_out's dtype (float32 arithmetic)."""
-    return (torch.nn.functional.gelu(fc1_out.float()) * probs.float().unsqueeze(-1)).to(fc1_out.dtype)
+    """fc1_out [T, F], probs [T] -> [T, F] in fc1_out's dtype (arithmetic as the SwiGLU's)."""
+    a = fc1_out.to(_math_dtype(fc1_out))
+    return (torch.nn.functional.gelu(a) * probs.to(a.dtype).unsqueeze(-1)).to(fc1_out.dtype)
 
 
 def weighted_swiglu(fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
