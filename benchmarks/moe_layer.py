@@ -259,6 +259,19 @@ def experts_step(layer, pool):
     return step
 
 
+def error_row(e: Exception, limit: int = 200) -> dict:
+    """A table row that failed: the error goes into the table, the other rows still run."""
+    return {"error": f"{type(e).__name__}: {str(e)[:limit]}"}
+
+
+def graphed_router_row(layer, pool, args) -> dict:
+    """{"router_ms": ...} of the router captured in a CUDA graph, or the error row."""
+    try:
+        return {"router_ms": median_ms(graphed_router_step(layer, pool), args.iters, args.warmup)}
+    except Exception as e:
+        return error_row(e)
+
+
 def router_step(layer, pool):
     def step(i):
         x = pool[i % len(pool)][0].detach().requires_grad_(True)
@@ -359,7 +372,7 @@ def plugin_layer_rows(shape, stock, pool, args) -> dict:
             if args.kernels:
                 row["kernels"] = kernel_breakdown(step)
         except Exception as e:  # keep the other rows; the error goes into the table
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row.update(error_row(e, 300))
         rows[label] = row
         layer = step = None
         torch.cuda.empty_cache()
@@ -418,7 +431,7 @@ def main() -> None:
                 if args.kernels:
                     row["kernels"] = kernel_breakdown(layer_step(layer, pool))
             except Exception as e:  # keep the other rows; the error goes into the table
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                row.update(error_row(e, 300))
             finally:
                 if backend.endswith("(fixed)"):
                     padding_fix.revert()
@@ -436,7 +449,7 @@ def main() -> None:
                         rows[label]["kernels"] = kernel_breakdown(router_step(layer, pool))
                     del layer
                 except Exception as e:
-                    rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                    rows[label] = error_row(e)
         # the plugin's fused selection kernel (--moe-router-kernel fused), TE's fusion off
         for policy, cls in (("topk", TopKPolicyRouter), ("c2r", C2RRouter), ("locmoe", LocMoERouter)):
             label = f"router {policy} kernel"
@@ -446,23 +459,16 @@ def main() -> None:
                 rows[label] = {"router_ms": median_ms(router_step(layer, pool), args.iters, args.warmup)}
                 if args.kernels:
                     rows[label]["kernels"] = kernel_breakdown(router_step(layer, pool))
-                try:   # the same captured in a CUDA graph: what is left once launches cost nothing
-                    rows[label + ", cuda graph"] = {
-                        "router_ms": median_ms(graphed_router_step(layer, pool), args.iters, args.warmup)}
-                except Exception as e:
-                    rows[label + ", cuda graph"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                # the same captured in a CUDA graph: what is left once launches cost nothing
+                rows[label + ", cuda graph"] = graphed_router_row(layer, pool, args)
                 if policy == "topk":   # the same with Megatron's FP32 gating GEMMs (before router_gemm.py)
                     from megatron.core.transformer.moe.router import TopKRouter
 
                     layer.router.gating = functools.partial(TopKRouter.gating, layer.router)
-                    try:
-                        rows[label + ", megatron gating, cuda graph"] = {
-                            "router_ms": median_ms(graphed_router_step(layer, pool), args.iters, args.warmup)}
-                    except Exception as e:
-                        rows[label + ", megatron gating, cuda graph"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                    rows[label + ", megatron gating, cuda graph"] = graphed_router_row(layer, pool, args)
                 del layer
             except Exception as e:
-                rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                rows[label] = error_row(e)
         rows["floor"] = {"ms": median_ms(floor_step(shape, args.tokens), args.iters, args.warmup)}
         rows.update(plugin_layer_rows(shape, stock, pool, args))
         for v in rows.values():
