@@ -58,11 +58,17 @@ def check(common, policy: str) -> None:
         r.zero_grad()
         probs, rmap = r(x)
         (probs * w).sum().backward()   # the switch loss is attached to probs: its gradient comes too
-        out[name] = (probs.detach(), rmap, r.weight.grad.clone())
+        out[name] = (probs.detach(), rmap, r.weight.grad.clone(),
+                     r.take_statistics() if policy != "topk" else None)
     assert torch.equal(out["fused"][1], out["plain"][1]), policy
     torch.testing.assert_close(out["fused"][0], out["plain"][0], rtol=1e-5, atol=1e-6)
     # gradients of size ~1e-2, float32 sums over 96 tokens in another order
     torch.testing.assert_close(out["fused"][2], out["plain"][2], rtol=1e-5, atol=1e-6)
+    # LocMoE's statistics (the locality KL's sum and count), from the loss kernel on the fused path
+    if policy != "topk":   # (Megatron's TopKRouter keeps none)
+        torch.testing.assert_close(out["fused"][3], out["plain"][3], rtol=1e-5, atol=1e-7)
+    if policy == "locmoe":
+        assert out["fused"][3][1] == 1.0 and out["fused"][3][0] > 0
 
 
 @pytest.mark.parametrize("policy", ["topk", "c2r", "locmoe"])
@@ -81,9 +87,14 @@ import megatron_moe_ext.kernels.fused_router as fr
 seen = []
 real = fr._FusedSelect.apply
 fr._FusedSelect.apply = lambda *a: seen.append(1) or real(*a)
+import megatron_moe_ext.kernels.locality_loss as ll
+kl_seen = []
+real_kl = ll._ScaledLocalityKL.apply
+ll._ScaledLocalityKL.apply = lambda *a: kl_seen.append(1) or real_kl(*a)
 for policy in ("topk", "c2r", "locmoe"):
     t.check(common, policy)
 assert len(seen) == 3, seen   # the fused router's forward ran the kernel, once per policy
+assert len(kl_seen) == 1, kl_seen   # and LocMoE's fused router its locality-loss kernel
 print("ok")
 """
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import permute, unpermute
 
-from megatron_moe_ext.kernels.gather_permute import gather_permute, gather_unpermute, permutation_maps
+from megatron_moe_ext.kernels.gather_permute import (
+    gather_permute,
+    gather_unpermute,
+    permutation_maps,
+    permute_probs,
+)
 
 
 def _routing_map(T, E, k, seed):
@@ -23,9 +28,19 @@ def test_same_as_megatrons_permutation(T, E, k):
     x_ref = x.detach().clone().requires_grad_(True)
     maps = permutation_maps(rmap, k)
 
+    probs = torch.rand(T, E, dtype=torch.float64) * rmap
+    probs_ref = probs.clone().requires_grad_(True)
+    probs.requires_grad_(True)
     rows = gather_permute(x, maps)
-    rows_ref, _, sorted_idx, _, _ = permute(x_ref, rmap, num_out_tokens=T * k)
+    rows_ref, row_probs_ref, sorted_idx, _, _ = permute(x_ref, rmap, probs=probs_ref, num_out_tokens=T * k)
     assert torch.equal(maps.token_of_row, sorted_idx) and torch.equal(rows, rows_ref)
+    row_probs = permute_probs(probs, maps)
+    assert torch.equal(row_probs, row_probs_ref)
+    assert torch.equal(maps.tokens_per_expert, rmap.sum(0))
+    g = torch.randn(T * k, dtype=torch.float64)
+    row_probs.backward(g)
+    row_probs_ref.backward(g)
+    assert torch.equal(probs.grad, probs_ref.grad)
 
     w = torch.randn(T * k, H, dtype=torch.float64)   # an expert output that differs per row
     out = gather_unpermute(rows * w, maps)

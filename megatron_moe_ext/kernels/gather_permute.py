@@ -37,19 +37,16 @@ class PermutationMaps:
     experts in ascending expert order; valid: BoolTensor[T, k], False where a token has fewer
     than k experts (its slot then points at row 0 and is not summed); row_valid: BoolTensor[N],
     False for the rows past the routed pairs (only then: Megatron's order fills N rows anyway),
-    which get no gradient."""
+    which get no gradient; prob_of_row: LongTensor[N], each row's pair as token * E + expert (its
+    place in the [T, E] probabilities); tokens_per_expert: LongTensor[E]."""
 
     flat_sorted: torch.Tensor
     token_of_row: torch.Tensor
     rows_of_token: torch.Tensor
     valid: torch.Tensor
     row_valid: torch.Tensor
-
-    @property
-    def source_of_row(self) -> torch.Tensor:
-        """LongTensor[N]: token_of_row, and T (one past the tokens) for the rows past the routed
-        pairs, so that a gather from the tokens with a zero row appended gives those rows zero."""
-        return torch.where(self.row_valid, self.token_of_row, self.rows_of_token.shape[0])
+    prob_of_row: torch.Tensor
+    tokens_per_expert: torch.Tensor
 
 
 def permutation_maps(routing_map: torch.Tensor, topk: int) -> PermutationMaps:
@@ -67,7 +64,12 @@ def permutation_maps(routing_map: torch.Tensor, topk: int) -> PermutationMaps:
     valid = routing_map.gather(1, experts)
     rows_of_token = row_of_pair.view(E, T).T.gather(1, experts)
     rows_of_token = torch.where(valid, rows_of_token, torch.zeros_like(rows_of_token))
-    return PermutationMaps(flat_sorted, token_of_row, rows_of_token, valid, flat_map[flat_sorted])
+    prob_of_row = token_of_row * E + flat_sorted // T
+    # counted along the [E, T] copy's rows: contiguous, where routing_map.sum(0) reduces across
+    # rows (a slow strided reduction)
+    tokens_per_expert = flat_map.view(E, T).sum(1)
+    return PermutationMaps(flat_sorted, token_of_row, rows_of_token, valid, flat_map[flat_sorted],
+                           prob_of_row, tokens_per_expert)
 
 
 def gather_sum_reference(src: torch.Tensor, maps: PermutationMaps) -> torch.Tensor:
@@ -94,6 +96,40 @@ if triton is not None:
             # a masked load, not a multiply: a slot the token does not own may point at inf
             acc += tl.load(src_ptr + row * H + cols, mask=inside & ok, other=0.0).to(ACC)
         tl.store(out_ptr + t.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+    @triton.jit
+    def _gather_rows_kernel(src_ptr, idx_ptr, valid_ptr, out_ptr, H, BH: tl.constexpr):
+        # one program: row r, columns [h0, h0 + BH): src[idx[r]] where valid[r], else zeros
+        r = tl.program_id(0)
+        cols = tl.program_id(1) * BH + tl.arange(0, BH)
+        inside = cols < H
+        row = tl.load(idx_ptr + r).to(tl.int64)
+        ok = tl.load(valid_ptr + r) != 0
+        x = tl.load(src_ptr + row * H + cols, mask=inside & ok, other=0.0)
+        tl.store(out_ptr + r.to(tl.int64) * H + cols, x, mask=inside)
+
+
+def gather_rows_reference(src: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """src [T, H], idx LongTensor[N] (< T), valid BoolTensor[N] -> [N, H]: src[idx], zero where
+    not valid (a gather from src with a zero row appended)."""
+    padded = torch.cat([src, src.new_zeros(1, src.shape[-1])])
+    return padded.index_select(0, torch.where(valid, idx, src.shape[0]))
+
+
+def _gather_rows(src: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """gather_rows_reference in one Triton kernel where it runs: no [T, H] copy with a zero row."""
+    if not use_triton(src):
+        return gather_rows_reference(src, idx, valid)
+    src = src.contiguous()
+    N, H = idx.shape[0], src.shape[-1]
+    out = torch.empty(N, H, dtype=src.dtype, device=src.device)
+    if N == 0:
+        return out
+    bh = min(1024, triton.next_power_of_2(H))
+    _gather_rows_kernel[(N, triton.cdiv(H, bh))](src, idx.contiguous(), valid.contiguous().view(torch.uint8),
+                                                 out, H, BH=bh)
+    return out
 
 
 def _gather_sum(src: torch.Tensor, maps: PermutationMaps) -> torch.Tensor:
@@ -132,14 +168,33 @@ class _Unpermute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_tokens):
-        # one gather from the tokens plus a zero row (a [T, H] copy), not a mask over [N, H]
-        padded = torch.cat([grad_tokens, grad_tokens.new_zeros(1, grad_tokens.shape[-1])])
-        return padded.index_select(0, ctx.maps.source_of_row), None
+        # one gather from the tokens, zero for the rows past the routed pairs: not a mask over [N, H]
+        return _gather_rows(grad_tokens, ctx.maps.token_of_row, ctx.maps.row_valid), None
+
+
+class _PermuteProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, probs, maps):
+        ctx.maps, ctx.shape = maps, probs.shape
+        return probs.reshape(-1).index_select(0, maps.prob_of_row)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        # each pair is one row at most: a plain scatter, where indexing's backward (an accumulating
+        # index_put) sorts the indices first
+        grad = grad_rows.new_zeros(ctx.shape[0] * ctx.shape[1])
+        return grad.scatter_(0, ctx.maps.prob_of_row, grad_rows).view(ctx.shape), None
 
 
 def gather_permute(tokens: torch.Tensor, maps: PermutationMaps) -> torch.Tensor:
     """tokens [T, H] -> rows [N, H] in Megatron's order; the backward sums each token's k rows."""
     return _Permute.apply(tokens, maps)
+
+
+def permute_probs(probs: torch.Tensor, maps: PermutationMaps) -> torch.Tensor:
+    """probs [T, E] -> [N]: each row's routing probability, in the rows' order (Megatron's
+    permute of the probabilities); the backward scatters them back."""
+    return _PermuteProbs.apply(probs, maps)
 
 
 def gather_unpermute(rows: torch.Tensor, maps: PermutationMaps) -> torch.Tensor:

@@ -26,7 +26,12 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.utils import get_pg_size
 
-from megatron_moe_ext.kernels.gather_permute import gather_permute, gather_unpermute, permutation_maps
+from megatron_moe_ext.kernels.gather_permute import (
+    gather_permute,
+    gather_unpermute,
+    permutation_maps,
+    permute_probs,
+)
 
 
 def device_splits_problem(layer: MoELayer) -> Optional[str]:
@@ -78,12 +83,13 @@ class DeviceSplitsTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.probs, self.routing_map = probs, routing_map
         hidden = hidden_states.view(-1, self.hidden_shape[-1])
         self.hidden_shape_before_permute = hidden.shape
-        self.tokens_per_expert = self.preprocess(routing_map)
         if self.shared_experts is not None:
             self.shared_experts.pre_forward_comm(hidden.view(self.hidden_shape))
         self.maps = permutation_maps(routing_map, self.config.moe_router_topk)
-        permuted_probs = probs.T.contiguous().reshape(-1)[self.maps.flat_sorted]  # as Megatron's permute
-        return gather_permute(hidden, self.maps), permuted_probs
+        # what Megatron's preprocess gives on one rank, dropless: the counts and N = T x k rows
+        self.tokens_per_expert = self.maps.tokens_per_expert
+        self.num_out_tokens = self.maps.token_of_row.shape[0]
+        return gather_permute(hidden, self.maps), permute_probs(probs, self.maps)
 
     def combine_postprocess(self, permuted_tokens: torch.Tensor) -> torch.Tensor:
         """Rows [T x k, H] -> [S, B, H], each token the sum of its rows, plus the shared experts."""

@@ -177,19 +177,21 @@ class PolicyRouter(TopKRouter, IterationState):
         return self.fused_selection() if covered else None
 
     def _apply_aux_loss_from_sums(self, probs: torch.Tensor, score_sums: torch.Tensor,
-                                  routing_map: torch.Tensor) -> torch.Tensor:
+                                  tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Megatron's _apply_aux_loss (router.py) with the aux-loss scores' column sums [E] in
-        place of the scores [T, E]: its switch loss only sums them over tokens."""
-        from megatron.core.transformer.moe.moe_utils import (
-            get_tokens_per_expert_and_token_count,
-            switch_load_balancing_loss_func,
-        )
+        place of the scores [T, E] (its switch loss only sums them over tokens), and the kernel's
+        tokens_per_expert [E] of the chosen routing in place of routing_map.sum(0) (a strided
+        reduction over [T, E]); pooled over the TP x CP group as Megatron's
+        get_tokens_per_expert_and_token_count (moe_utils) does without a padding mask."""
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+        from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
 
         coeff = self.get_aux_loss_coeff("aux_loss")
         if coeff == 0:
             return probs
-        tokens_per_expert, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
-            routing_map=routing_map, reduce_group=self.tp_cp_group, topk=self.topk, with_padding_mask=False)
+        tokens_per_expert = reduce_from_tensor_model_parallel_region(tokens_per_expert, self.tp_cp_group)
+        local_tokens = probs.shape[0]
+        total_tokens = local_tokens * self.tp_cp_group.size()
         aux_loss = switch_load_balancing_loss_func(
             probs=score_sums.unsqueeze(0), tokens_per_expert=tokens_per_expert, total_num_tokens=total_tokens,
             topk=self.topk, num_experts=self.config.num_moe_experts, moe_aux_loss_coeff=coeff, fused=False)
@@ -222,7 +224,7 @@ class PolicyRouter(TopKRouter, IterationState):
         if fused is not None:
             from megatron_moe_ext.kernels.fused_router import fused_select
 
-            probs, routing_map, indices, score_sums, _ = fused_select(
+            probs, routing_map, indices, score_sums, chosen_counts = fused_select(
                 logits, self.topk, pre_softmax=self.config.moe_router_pre_softmax,
                 scaling_factor=self.config.moe_router_topk_scaling_factor, **fused)
             if self.is_training_forward():
@@ -243,7 +245,7 @@ class PolicyRouter(TopKRouter, IterationState):
         if self.training and torch.is_grad_enabled():
             scores_for_aux = None
             if fused is not None:   # only the switch loss here (_fused_args checked the others)
-                probs = self._apply_aux_loss_from_sums(probs, score_sums, chosen_map)
+                probs = self._apply_aux_loss_from_sums(probs, score_sums, chosen_counts)
             elif self.is_aux_loss_enabled():
                 _, scores_for_aux = compute_routing_scores_for_aux_loss(
                     logits, self.topk, self.score_function, fused=self.config.moe_router_fusion,
@@ -479,9 +481,12 @@ class LocMoERouter(PolicyRouter):
             self._sources = (key, src)
         return self._sources[1]
 
-    def _stat(self, name: str, value) -> None:
+    def _stat_device(self) -> None:
         if self._stats.device != self.weight.device:
             self._stats = self._stats.to(self.weight.device)  # follows model.cuda()
+
+    def _stat(self, name: str, value) -> None:
+        self._stat_device()
         self._stats[STAT_FIELDS.index(name)] += value
 
     def take_statistics(self) -> torch.Tensor:
@@ -581,20 +586,35 @@ class LocMoERouter(PolicyRouter):
         mu = self.ext_cfg.locmoe_mu
         if not mu:
             return probs
-        kl = self._locality_kl(logits, padding_mask, scores_for_aux, score_sums)
+        loss = self._locality_loss(mu, logits, padding_mask, scores_for_aux, score_sums)
+        return self.attach_and_log_load_balancing_loss(probs, mu, loss, "locality_loss",
+                                                       self.tp_cp_group)
+
+    def _locality_loss(self, mu, logits, padding_mask, scores_for_aux, score_sums) -> torch.Tensor:
+        """mu * KL(D_c || D_l) of this forward's tokens, from the cheapest scores at hand, with
+        the KL added to the statistics."""
+        pool = self._pool_over_tp_shards()
+        if (score_sums is not None and pool is None and self.score_function == "softmax"
+                and self.token_sources() is None):
+            # the fused kernel summed the same softmax scores: D_c without another [T, E] pass,
+            # the loss and the statistics in one more kernel (kernels/locality_loss.py)
+            from megatron_moe_ext.kernels.locality_loss import scaled_locality_kl
+
+            self._stat_device()
+            return scaled_locality_kl(score_sums, logits.shape[0], self._log_d_l_like(score_sums), mu,
+                                      stats=self._stats, stat_slots=(STAT_FIELDS.index("locality_kl_sum"),
+                                                                     STAT_FIELDS.index("locality_kl_count")))
+        kl = self._locality_kl(logits, padding_mask, scores_for_aux, score_sums, pool)
         with torch.no_grad():
             self._stat("locality_kl_sum", kl.detach().double())
             self._stat("locality_kl_count", 1.0)
-        return self.attach_and_log_load_balancing_loss(probs, mu, mu * kl, "locality_loss",
-                                                       self.tp_cp_group)
+        return mu * kl
 
-    def _locality_kl(self, logits, padding_mask, scores_for_aux, score_sums) -> torch.Tensor:
-        """KL(D_c || D_l) of this forward's tokens, from the cheapest scores at hand."""
+    def _locality_kl(self, logits, padding_mask, scores_for_aux, score_sums, pool) -> torch.Tensor:
+        """KL(D_c || D_l) of this forward's tokens in plain torch."""
         from megatron_moe_ext.routing.locality import locality_kl, locality_kl_from_sums
 
-        pool = self._pool_over_tp_shards()
         if score_sums is not None and self.score_function == "softmax" and self.token_sources() is None:
-            # the fused kernel summed the same softmax scores: D_c without another [T, E] pass
             return locality_kl_from_sums(score_sums, score_sums.new_full((1,), logits.shape[0]),
                                          self._log_d_l_like(score_sums), pool=pool)
         if scores_for_aux is not None:

@@ -1,0 +1,73 @@
+"""kernels/locality_loss.py against the plain-torch locality loss in float64
+(routing/locality.locality_kl_from_sums): mu * KL, its gradient with respect to the score sums,
+and the statistics' update, on fresh random sums, an expert with no score at all included (the
+clamp's branch). The kernel computes in float32: tolerance 1e-5 relative (a sum of E float32
+terms), 1e-7 absolute."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_moe_ext.kernels.locality_loss import scaled_locality_kl
+from megatron_moe_ext.routing.locality import locality_kl_from_sums, localized_distribution
+
+CASES = [(16, 96, 0.01, 1), (60, 37, 0.5, 2), (128, 8192, 1.0, 3)]
+
+
+def _kernel_case(E: int, count: int, mu: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    sums = torch.rand(E, generator=g, dtype=torch.float64)
+    sums[E // 3] = 0.0                                     # an expert no token scored
+    sums = sums / sums.sum() * count                       # softmax rows sum to 1: the sums to count
+    mask = torch.rand(E, generator=g) < 0.4
+    mask[0] = True
+    log_d_l = torch.log(localized_distribution(mask, 1e-3))
+    ref_in = sums.clone().requires_grad_(True)
+    ref = mu * locality_kl_from_sums(ref_in, torch.tensor([float(count)], dtype=torch.float64), log_d_l)
+    up = torch.rand((), generator=g, dtype=torch.float64) + 0.5   # an upstream gradient not 1
+    (ref * up).backward()
+
+    x = sums.float().requires_grad_(True)
+    stats = torch.tensor([0.25, 3.0, 7.0], dtype=torch.float64)
+    got = scaled_locality_kl(x, count, log_d_l.float(), mu, stats=stats, stat_slots=(0, 1))
+    assert got.dtype == torch.float32 and got.dim() == 0
+    (got * up.float()).backward()
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
+    kl = ref.detach() / mu
+    torch.testing.assert_close(stats, torch.stack([0.25 + kl, torch.tensor(4.0, dtype=torch.float64),
+                                                   torch.tensor(7.0, dtype=torch.float64)]),
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_path(case):
+    """Without Triton's interpreter on CPU the function is the plain-torch reference."""
+    _kernel_case(*case)
+
+
+def test_kernel_interpreted():
+    """The kernel itself, interpreted on CPU (TRITON_INTERPRET=1 in a child process: the
+    interpreter is chosen when Triton compiles); compiled: tests/test_gpu_kernels.py."""
+    pytest.importorskip("triton")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    code = ("import torch, test_locality_loss_kernel as t\n"
+            "import megatron_moe_ext.kernels.locality_loss as ll\n"
+            "seen = []\n"
+            "real = ll._ScaledLocalityKL.apply\n"
+            "ll._ScaledLocalityKL.apply = lambda *a: seen.append(1) or real(*a)\n"
+            "for c in t.CASES: t._kernel_case(*c)\n"
+            "assert len(seen) == len(t.CASES), seen\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=here)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_refuses_per_source_sums():
+    with pytest.raises(ValueError, match="one source rank"):
+        scaled_locality_kl(torch.ones(8), 4, torch.zeros(2, 4), 0.1)
