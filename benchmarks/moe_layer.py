@@ -39,6 +39,7 @@ Before timing, each plugin backend's output is compared with the stock layer's o
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import functools
 import json
 
@@ -338,6 +339,11 @@ PLUGIN_LAYERS = {
 }
 
 
+def wanted(args, label: str) -> bool:
+    """Whether --rows selects the row `label` (no --rows: every row)."""
+    return not args.rows or any(fnmatch.fnmatchcase(label, pat) for pat in args.rows)
+
+
 def plugin_layer_rows(shape, stock, pool, args) -> dict:
     """The layer as the plugin runs it at EP = 1, eager and captured in a CUDA graph. A graph row
     also records how far its replayed output is from the eager layer's on the same input."""
@@ -347,6 +353,8 @@ def plugin_layer_rows(shape, stock, pool, args) -> dict:
 
     rows = {}
     for label, (policy, kernel, graphed) in PLUGIN_LAYERS.items():
+        if not wanted(args, label):
+            continue
         row = {}
         try:
             router = None
@@ -387,6 +395,9 @@ def main() -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--shapes", nargs="*", default=list(SHAPES))
     p.add_argument("--kernels", action="store_true", help="also profile each row's kernels by class")
+    p.add_argument("--rows", nargs="*", default=None, metavar="GLOB",
+                   help="measure only the rows whose label matches one of these fnmatch patterns (the "
+                        "floor always), e.g. 'stock te*' '*device-splits +router kernel, cuda graph'")
     args = p.parse_args()
 
     init_single_gpu_megatron(port=29513)
@@ -415,7 +426,7 @@ def main() -> None:
             backends += ["stock te bf16"] + [f"stock te fp8 {r}" for r in fp8_recipes()]
             backends += ["stock te fp8 tensorwise +padding (stock)", "stock te fp8 tensorwise +padding (fixed)"]
         backends += ["torch bf16", "torch fp8", "torch fp8 cached w"]
-        for backend in backends:
+        for backend in filter(functools.partial(wanted, args), backends):
             row = {}
             try:
                 if backend.endswith("(fixed)"):
@@ -442,6 +453,8 @@ def main() -> None:
             for policy, cls in (("topk", None), ("c2r", C2RRouter), ("locmoe", LocMoERouter)):
                 router = None if cls is None else functools.partial(cls, ext_cfg=MoEExtConfig(router_policy=policy))
                 label = f"router {policy}" + ("" if fused or not have_te() else " unfused")
+                if not wanted(args, label):
+                    continue
                 try:
                     layer = build(shape, "torch bf16", router=router, fused=fused)
                     rows[label] = {"router_ms": median_ms(router_step(layer, pool), args.iters, args.warmup)}
@@ -453,6 +466,8 @@ def main() -> None:
         # the plugin's fused selection kernel (--moe-router-kernel fused), TE's fusion off
         for policy, cls in (("topk", TopKPolicyRouter), ("c2r", C2RRouter), ("locmoe", LocMoERouter)):
             label = f"router {policy} kernel"
+            if not any(wanted(args, label + tail) for tail in ("", ", cuda graph", ", megatron gating, cuda graph")):
+                continue
             try:
                 router = functools.partial(cls, ext_cfg=MoEExtConfig(router_policy=policy, router_kernel="fused"))
                 layer = build(shape, "torch bf16", router=router, fused=False)

@@ -22,7 +22,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 timeout "${LIMIT_TESTS:-150}" python3 -m pytest -p no:cacheprovider -m gpu -rs -q \
   tests/test_gpu_kernels.py tests/test_gpu_cuda_graph.py tests/test_gpu_scmoe_streams.py \
-  -k "fused_router or graph or gating or gather_sum or weighted_activation or side_stream" > "$out/gpu_tests.log" 2>&1
+  -k "fused_router or graph or gating or gather_sum or weighted_activation or side_stream or locality_loss" > "$out/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?" | tee -a "$out/steps.txt"
 
 timeout "${LIMIT_LAYER:-280}" python3 benchmarks/moe_layer.py --iters 30 --warmup 5 --kernels \

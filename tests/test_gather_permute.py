@@ -85,7 +85,12 @@ def test_fewer_experts_no_nan_and_no_gradient_to_leftover_rows():
 def _kernel_case(T, E, k, dtype, seed, device="cpu"):
     """The Triton gather-sum against gather_sum_reference: a routing map where some tokens have
     fewer than k experts, and inf in the rows their unused slots point at."""
-    from megatron_moe_ext.kernels.gather_permute import _gather_sum, gather_sum_reference
+    from megatron_moe_ext.kernels.gather_permute import (
+        _gather_rows,
+        _gather_sum,
+        gather_rows_reference,
+        gather_sum_reference,
+    )
 
     rmap = _routing_map(T, E, k, seed)
     rmap[::5, :] = False
@@ -101,6 +106,10 @@ def _kernel_case(T, E, k, dtype, seed, device="cpu"):
     # the same FP32 sum of k values, maybe in another order: one rounding of the result's dtype
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    # the unpermutation's backward: the token rows' copies (inf included), zeros past the routed pairs
+    tokens = src[:T] * 3
+    rows, rows_ref = (f(tokens, maps.token_of_row, maps.row_valid) for f in (_gather_rows, gather_rows_reference))
+    assert rows.dtype == dtype and torch.equal(rows, rows_ref) and (rows[leftover] == 0).all()
 
 
 KERNEL_CASES = [(37, 8, 2, torch.float32, 1), (64, 16, 4, torch.float64, 2), (20, 128, 8, torch.bfloat16, 3)]

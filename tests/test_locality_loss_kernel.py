@@ -17,7 +17,7 @@ from megatron_moe_ext.routing.locality import locality_kl_from_sums, localized_d
 CASES = [(16, 96, 0.01, 1), (60, 37, 0.5, 2), (128, 8192, 1.0, 3)]
 
 
-def _kernel_case(E: int, count: int, mu: float, seed: int) -> None:
+def _kernel_case(E: int, count: int, mu: float, seed: int, device: str = "cpu") -> None:
     g = torch.Generator().manual_seed(seed)
     sums = torch.rand(E, generator=g, dtype=torch.float64)
     sums[E // 3] = 0.0                                     # an expert no token scored
@@ -30,13 +30,14 @@ def _kernel_case(E: int, count: int, mu: float, seed: int) -> None:
     up = torch.rand((), generator=g, dtype=torch.float64) + 0.5   # an upstream gradient not 1
     (ref * up).backward()
 
-    x = sums.float().requires_grad_(True)
-    stats = torch.tensor([0.25, 3.0, 7.0], dtype=torch.float64)
-    got = scaled_locality_kl(x, count, log_d_l.float(), mu, stats=stats, stat_slots=(0, 1))
+    x = sums.float().to(device).requires_grad_(True)
+    stats = torch.tensor([0.25, 3.0, 7.0], dtype=torch.float64, device=device)
+    got = scaled_locality_kl(x, count, log_d_l.float().to(device), mu, stats=stats, stat_slots=(0, 1))
     assert got.dtype == torch.float32 and got.dim() == 0
-    (got * up.float()).backward()
+    (got * up.float().to(device)).backward()
+    got, grad, stats = got.cpu(), x.grad.cpu(), stats.cpu()
     torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(x.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
     kl = ref.detach() / mu
     torch.testing.assert_close(stats, torch.stack([0.25 + kl, torch.tensor(4.0, dtype=torch.float64),
                                                    torch.tensor(7.0, dtype=torch.float64)]),
