@@ -88,8 +88,9 @@ class _WeightedAct(torch.autograd.Function):
 
 
 if triton is not None:
-    _RSQRT2 = 0.7071067811865476      # 1 / sqrt(2)
-    _RSQRT2PI = 0.3989422804014327    # 1 / sqrt(2 pi)
+    # constexpr: a compiled kernel may read only constexpr globals (the interpreter reads any)
+    _RSQRT2 = tl.constexpr(0.7071067811865476)      # 1 / sqrt(2)
+    _RSQRT2PI = tl.constexpr(0.3989422804014327)    # 1 / sqrt(2 pi)
 
     @triton.jit
     def _fwd_kernel(x_ptr, p_ptr, out_ptr, F, BLOCK: tl.constexpr, GLU: tl.constexpr):
