@@ -75,6 +75,9 @@ C2R_DEDUP = ["--moe-router-policy", "c2r", "--moe-dedup-dispatch"]
 FP8 = ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]
 TOP4 = ["--moe-router-topk", "TOPK"]   # top-4 (top-8 for --model qwen3-like)
 ROUTER_KERNEL = ["--moe-router-kernel", "fused"]
+# Megatron's full-iteration CUDA graph (forward and backward of all micro-batches in one graph),
+# which needs a step without host reads: the device-splits layer and the fused router
+FULL_GRAPH = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
 TORCH = ["--moe-expert-backend", "torch"]   # group h: the device-splits layer needs the torch experts
 SHARED = ["--moe-router-topk", "3", "--moe-shared-expert-intermediate-size", "FFN", "--moe-shared-expert-gate"]
 
@@ -103,11 +106,13 @@ ROWS: Dict[str, tuple] = {
     "h device-splits": ("h", TOP4 + TORCH, set()),
     "h device-splits +router kernel": ("h", TOP4 + TORCH + ROUTER_KERNEL, {"cuda"}),
     "h c2r +dedup +router kernel": ("h", TOP4 + TORCH + C2R_DEDUP + ROUTER_KERNEL, {"cuda"}),
-    # Megatron's full-iteration CUDA graph (forward and backward of all micro-batches in one
-    # graph), which needs a step without host reads: the device-splits layer and fused router
-    "h device-splits +router kernel +full-iteration graph": (
-        "h", TOP4 + TORCH + ROUTER_KERNEL + ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"],
-        {"cuda"}),
+    "h device-splits +router kernel +full-iteration graph": ("h", TOP4 + TORCH + ROUTER_KERNEL + FULL_GRAPH, {"cuda"}),
+    # one GPU with TE's layers (attention, norms; run with --nproc 1): the plugin's EP = 1 layer
+    # (torch experts, device splits, fused router; Megatron's permutation, not TE's fused one)
+    # beside the `stock te experts` and `stock` rows above
+    "device-splits +router kernel": ("a", TOP4 + TORCH + ROUTER_KERNEL, {"te", "cuda"}),
+    "device-splits +router kernel +full-iteration graph": ("a", TOP4 + TORCH + ROUTER_KERNEL + FULL_GRAPH,
+                                                           {"te", "cuda"}),
 }
 BASELINE = {"a": "stock", "b": "shared stock", "f": "stock fp8", "h": "h stock"}
 
