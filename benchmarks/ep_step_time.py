@@ -113,6 +113,11 @@ ROWS: Dict[str, tuple] = {
     "device-splits +router kernel": ("a", TOP4 + TORCH + ROUTER_KERNEL, {"te", "cuda"}),
     "device-splits +router kernel +full-iteration graph": ("a", TOP4 + TORCH + ROUTER_KERNEL + FULL_GRAPH,
                                                            {"te", "cuda"}),
+    # the same eagerly with TE's fused permutation (the dispatcher keeps its device splits)
+    "device-splits +router kernel +permute fusion": ("a", TOP4 + TORCH + ROUTER_KERNEL + TE_FUSIONS[:1],
+                                                     {"te", "cuda"}),
+    "c2r +dedup +router kernel +permute fusion": ("a", TOP4 + TORCH + C2R_DEDUP + ROUTER_KERNEL + TE_FUSIONS[:1],
+                                                  {"te", "cuda"}),
 }
 BASELINE = {"a": "stock", "b": "shared stock", "f": "stock fp8", "h": "h stock"}
 
