@@ -288,7 +288,8 @@ KERNEL_CLASSES = (  # first match wins (FP8 GEMMs' names mention e4m3); as the p
                       "quantize")),
     ("permute", ("permute", "unpermute", "sort", "scatter", "gather", "index", "nonzero", "masked",
                  "cumsum", "moe_")),
-    ("activation", ("silu", "swiglu", "gelu", "sigmoid", "triton_")),
+    ("activation", ("silu", "swiglu", "gelu", "sigmoid", "triton_", "_weighted_act_")),
+    ("router", ("_router_fwd", "_router_bwd", "_kl_kernel")),   # the plugin's fused router kernels
 )
 
 

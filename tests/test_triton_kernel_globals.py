@@ -49,7 +49,7 @@ def _allowed(value) -> bool:
 
 def test_kernels_were_found():
     names = {fn.name for _, fn in _kernels()}
-    assert {"_fwd_kernel", "_bwd_kernel", "_gather_sum_kernel", "_kl_kernel"} <= names, names
+    assert {"_router_fwd_kernel", "_weighted_act_bwd_kernel", "_gather_sum_kernel", "_row_gather_kernel", "_kl_kernel"} <= names, names
 
 
 @pytest.mark.parametrize("path,fn", list(_kernels()), ids=lambda v: v.name if isinstance(v, pathlib.Path) else getattr(v, "name", ""))

@@ -70,7 +70,7 @@ class _WeightedAct(torch.autograd.Function):
         f = fc1_out.shape[1] // 2 if glu else fc1_out.shape[1]
         out = torch.empty(t, f, dtype=fc1_out.dtype, device=fc1_out.device)
         if t:
-            _fwd_kernel[(t,)](fc1_out, probs, out, f, BLOCK=_block(f), GLU=glu, num_warps=4)
+            _weighted_act_fwd_kernel[(t,)](fc1_out, probs, out, f, BLOCK=_block(f), GLU=glu, num_warps=4)
         ctx.save_for_backward(fc1_out, probs)
         ctx.glu = glu
         return out
@@ -83,7 +83,7 @@ class _WeightedAct(torch.autograd.Function):
         d_fc1 = torch.empty_like(fc1_out)
         d_probs = torch.empty(t, dtype=torch.float32, device=fc1_out.device)
         if t:
-            _bwd_kernel[(t,)](fc1_out, probs, grad, d_fc1, d_probs, f, BLOCK=_block(f), GLU=ctx.glu, num_warps=4)
+            _weighted_act_bwd_kernel[(t,)](fc1_out, probs, grad, d_fc1, d_probs, f, BLOCK=_block(f), GLU=ctx.glu, num_warps=4)
         return d_fc1, d_probs.to(probs.dtype), None
 
 
@@ -93,7 +93,7 @@ if triton is not None:
     _RSQRT2PI = tl.constexpr(0.3989422804014327)    # 1 / sqrt(2 pi)
 
     @triton.jit
-    def _fwd_kernel(x_ptr, p_ptr, out_ptr, F, BLOCK: tl.constexpr, GLU: tl.constexpr):
+    def _weighted_act_fwd_kernel(x_ptr, p_ptr, out_ptr, F, BLOCK: tl.constexpr, GLU: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         p = tl.load(p_ptr + row).to(tl.float32)
         width = 2 * F if GLU else F   # fc1_out's row length
@@ -109,7 +109,7 @@ if triton is not None:
             tl.store(out_ptr + row * F + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, dp_ptr, F, BLOCK: tl.constexpr, GLU: tl.constexpr):
+    def _weighted_act_bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, dp_ptr, F, BLOCK: tl.constexpr, GLU: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         p = tl.load(p_ptr + row).to(tl.float32)
         width = 2 * F if GLU else F

@@ -63,7 +63,7 @@ def fused_select_reference(logits: torch.Tensor, topk: int, *, pre_softmax: bool
 if triton is not None:
 
     @triton.jit
-    def _fwd_kernel(x_ptr, bias_ptr, partners_ptr, probs_ptr, map_ptr, idx_ptr, ssum_ptr, cnt_ptr,
+    def _router_fwd_kernel(x_ptr, bias_ptr, partners_ptr, probs_ptr, map_ptr, idx_ptr, ssum_ptr, cnt_ptr,
                     T, E, P, scale,
                     K: tl.constexpr, PRE: tl.constexpr, HAS_BIAS: tl.constexpr, C2R: tl.constexpr,
                     BT: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr):
@@ -135,7 +135,7 @@ if triton is not None:
         tl.store(cnt_ptr + pid * E + cols, tl.sum(sel.to(tl.int32), axis=0), mask=cmask)
 
     @triton.jit
-    def _bwd_kernel(x_ptr, probs_ptr, map_ptr, gp_ptr, gs_ptr, gx_ptr, T, E, scale,
+    def _router_bwd_kernel(x_ptr, probs_ptr, map_ptr, gp_ptr, gs_ptr, gx_ptr, T, E, scale,
                     PRE: tl.constexpr, HAS_GP: tl.constexpr, HAS_GS: tl.constexpr,
                     BT: tl.constexpr, BE: tl.constexpr):
         pid = tl.program_id(0)
@@ -176,7 +176,7 @@ class _FusedSelect(torch.autograd.Function):
         P = 1 if partners is None else partners.shape[1]
         part = idx if partners is None else partners.to(device=x.device, dtype=torch.int32).contiguous()
         b = x if bias is None else bias.float().contiguous()
-        _fwd_kernel[(n_prog,)](x, b, part, probs, rmap, idx, ssum, cnt, T, E, P, scale,
+        _router_fwd_kernel[(n_prog,)](x, b, part, probs, rmap, idx, ssum, cnt, T, E, P, scale,
                                K=topk, PRE=pre_softmax, HAS_BIAS=bias is not None, C2R=partners is not None,
                                BT=BLOCK_T, BE=triton.next_power_of_2(E), BP=triton.next_power_of_2(P))
         rmap = rmap.bool()
@@ -192,7 +192,7 @@ class _FusedSelect(torch.autograd.Function):
         gx = torch.empty_like(x)
         gp = probs if g_probs is None else g_probs.float().contiguous()
         gs = probs if g_ssum is None else g_ssum.float().contiguous()
-        _bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+        _router_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
             x, probs, rmap.view(torch.int8), gp, gs, gx, T, E, ctx.scale,
             PRE=ctx.pre, HAS_GP=g_probs is not None, HAS_GS=g_ssum is not None,
             BT=BLOCK_T, BE=triton.next_power_of_2(E))

@@ -99,7 +99,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _gather_rows_kernel(src_ptr, idx_ptr, valid_ptr, out_ptr, H, BH: tl.constexpr):
+    def _row_gather_kernel(src_ptr, idx_ptr, valid_ptr, out_ptr, H, BH: tl.constexpr):
         # one program: row r, columns [h0, h0 + BH): src[idx[r]] where valid[r], else zeros
         r = tl.program_id(0)
         cols = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -127,7 +127,7 @@ def _gather_rows(src: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> t
     if N == 0:
         return out
     bh = min(1024, triton.next_power_of_2(H))
-    _gather_rows_kernel[(N, triton.cdiv(H, bh))](src, idx.contiguous(), valid.contiguous().view(torch.uint8),
+    _row_gather_kernel[(N, triton.cdiv(H, bh))](src, idx.contiguous(), valid.contiguous().view(torch.uint8),
                                                  out, H, BH=bh)
     return out
 
