@@ -28,7 +28,8 @@ fresh random tensors. Rows:
                        EP = 1 (mcore/device_splits.py: counts on the device, no host wait), with
                        Megatron's router or the fused kernel, eager or forward+backward captured in
                        one CUDA graph and replayed; `c2r ...` the same with C2R's router
-Columns also: x floor, and with --kernels the kernel-time sum per step over the wall time (the
+`--rows GLOB...` measures only the rows whose label matches (the floor always). Columns also:
+x floor, and with --kernels the kernel-time sum per step over the wall time (the
 fraction of the step the GPU is busy).
 Columns: ms, TFLOP/s of the expert GEMMs (6 x tokens x k x h x ffn x (3 for GLU else 2)), the
 fraction of a BF16 8192^3 matmul's rate measured in the same run, and a breakdown: router,
