@@ -1,4 +1,5 @@
-"""Shared pytest helpers: launching tests/dist scripts under torchrun with gloo ranks on CPU."""
+"""Shared pytest helpers: launching tests/dist scripts under torchrun with gloo ranks on CPU, and
+the Triton kernels under the interpreter in a child process."""
 
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> sub
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_interpreted(code: str, timeout: int = 600) -> None:
+    """Run `code` in a child Python under TRITON_INTERPRET=1 (Triton picks the interpreter when it
+    compiles, so it must be set before the kernels' first launch), from the tests folder, and
+    assert it exits 0 after printing "ok"."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=timeout, cwd=Path(__file__).parent)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
 def tree_hash(path: Path) -> str:

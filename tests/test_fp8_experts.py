@@ -3,9 +3,6 @@ interpreter), the emulated FP8 forward and dgrad against references, the weight-
 cache, and the refusal without an FP8 GPU. The GEMM kernel itself runs only on an FP8 GPU:
 tests/test_gpu_kernels.py (`pytest -m gpu`) checks it against the emulation there."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -64,11 +61,9 @@ def test_triton_quantizers_match_the_reference_in_the_interpreter():
     """Same scales and (after the cast) the same e4m3 values. The kernels write float32 here:
     Triton's interpreter casts to float8 wrongly (124.7 -> 64); the GPU's cast is checked in
     tests/test_gpu_kernels.py."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    from conftest import run_interpreted
+
+    run_interpreted(_TRITON_CHECK)
 
 
 def test_fp8_emulation_forward_and_dgrad_against_references(megatron_cpu):

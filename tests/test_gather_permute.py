@@ -116,23 +116,15 @@ KERNEL_CASES = [(37, 8, 2, torch.float32, 1), (64, 16, 4, torch.float64, 2), (20
 
 
 def test_triton_gather_sum_interpreted():
-    """The kernel itself, interpreted on CPU (TRITON_INTERPRET=1 in a child process); compiled:
-    tests/test_gpu_kernels.py. Then this file's Megatron comparisons through the kernel."""
-    import os
-    import subprocess
-    import sys
+    """The kernels themselves, interpreted on CPU (TRITON_INTERPRET=1 in a child process); compiled:
+    tests/test_gpu_kernels.py. Then this file's Megatron comparisons through the kernels."""
+    from conftest import run_interpreted
 
-    pytest.importorskip("triton")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    code = ("import torch, test_gather_permute as t\n"
-            "from megatron_moe_ext.kernels.triton_support import use_triton\n"
-            "assert use_triton(torch.zeros(1))\n"
-            "for c in t.KERNEL_CASES: t._kernel_case(*c)\n"
-            "for c in [(37, 8, 2), (64, 16, 4), (20, 128, 8)]: t.test_same_as_megatrons_permutation(*c)\n"
-            "t.test_a_token_with_fewer_experts_sums_only_its_own()\n"
-            "t.test_fewer_experts_no_nan_and_no_gradient_to_leftover_rows()\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=here)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_interpreted("import torch, test_gather_permute as t\n"
+                    "from megatron_moe_ext.kernels.triton_support import use_triton\n"
+                    "assert use_triton(torch.zeros(1))\n"
+                    "for c in t.KERNEL_CASES: t._kernel_case(*c)\n"
+                    "for c in [(37, 8, 2), (64, 16, 4), (20, 128, 8)]: t.test_same_as_megatrons_permutation(*c)\n"
+                    "t.test_a_token_with_fewer_experts_sums_only_its_own()\n"
+                    "t.test_fewer_experts_no_nan_and_no_gradient_to_leftover_rows()\n"
+                    "print('ok')\n")

@@ -4,10 +4,6 @@ and the statistics' update, on fresh random sums, an expert with no score at all
 clamp's branch). The kernel computes in float32: tolerance 1e-5 relative (a sum of E float32
 terms), 1e-7 absolute."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -53,20 +49,16 @@ def test_reference_path(case):
 def test_kernel_interpreted():
     """The kernel itself, interpreted on CPU (TRITON_INTERPRET=1 in a child process: the
     interpreter is chosen when Triton compiles); compiled: tests/test_gpu_kernels.py."""
-    pytest.importorskip("triton")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    code = ("import torch, test_locality_loss_kernel as t\n"
-            "import megatron_moe_ext.kernels.locality_loss as ll\n"
-            "seen = []\n"
-            "real = ll._ScaledLocalityKL.apply\n"
-            "ll._ScaledLocalityKL.apply = lambda *a: seen.append(1) or real(*a)\n"
-            "for c in t.CASES: t._kernel_case(*c)\n"
-            "assert len(seen) == len(t.CASES), seen\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=here)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    from conftest import run_interpreted
+
+    run_interpreted("import torch, test_locality_loss_kernel as t\n"
+                    "import megatron_moe_ext.kernels.locality_loss as ll\n"
+                    "seen = []\n"
+                    "real = ll._ScaledLocalityKL.apply\n"
+                    "ll._ScaledLocalityKL.apply = lambda *a: seen.append(1) or real(*a)\n"
+                    "for c in t.CASES: t._kernel_case(*c)\n"
+                    "assert len(seen) == len(t.CASES), seen\n"
+                    "print('ok')\n")
 
 
 def test_refuses_per_source_sums():
