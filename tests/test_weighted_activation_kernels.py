@@ -3,7 +3,6 @@ backward) against float64 autograd, run on CPU through Triton's interpreter. The
 on the GPU: tests/test_gpu_kernels.py (`pytest -m gpu`)."""
 
 
-import pytest
 
 _CHECK = r"""
 import torch
