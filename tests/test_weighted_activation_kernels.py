@@ -2,8 +2,6 @@
 backward) against float64 autograd, run on CPU through Triton's interpreter. The compiled kernels
 on the GPU: tests/test_gpu_kernels.py (`pytest -m gpu`)."""
 
-
-
 _CHECK = r"""
 import torch
 from megatron_moe_ext.experts.weighted_activation import (
