@@ -83,7 +83,8 @@ class _WeightedAct(torch.autograd.Function):
         d_fc1 = torch.empty_like(fc1_out)
         d_probs = torch.empty(t, dtype=torch.float32, device=fc1_out.device)
         if t:
-            _weighted_act_bwd_kernel[(t,)](fc1_out, probs, grad, d_fc1, d_probs, f, BLOCK=_block(f), GLU=ctx.glu, num_warps=4)
+            _weighted_act_bwd_kernel[(t,)](fc1_out, probs, grad, d_fc1, d_probs, f, BLOCK=_block(f), GLU=ctx.glu,
+                                           num_warps=4)
         return d_fc1, d_probs.to(probs.dtype), None
 
 
@@ -109,7 +110,8 @@ if triton is not None:
             tl.store(out_ptr + row * F + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _weighted_act_bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, dp_ptr, F, BLOCK: tl.constexpr, GLU: tl.constexpr):
+    def _weighted_act_bwd_kernel(x_ptr, p_ptr, dy_ptr, dx_ptr, dp_ptr, F, BLOCK: tl.constexpr,
+                                 GLU: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         p = tl.load(p_ptr + row).to(tl.float32)
         width = 2 * F if GLU else F

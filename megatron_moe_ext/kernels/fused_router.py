@@ -64,9 +64,9 @@ if triton is not None:
 
     @triton.jit
     def _router_fwd_kernel(x_ptr, bias_ptr, partners_ptr, probs_ptr, map_ptr, idx_ptr, ssum_ptr, cnt_ptr,
-                    T, E, P, scale,
-                    K: tl.constexpr, PRE: tl.constexpr, HAS_BIAS: tl.constexpr, C2R: tl.constexpr,
-                    BT: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr):
+                           T, E, P, scale,
+                           K: tl.constexpr, PRE: tl.constexpr, HAS_BIAS: tl.constexpr, C2R: tl.constexpr,
+                           BT: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BT + tl.arange(0, BT)
         cols = tl.arange(0, BE)
@@ -136,8 +136,8 @@ if triton is not None:
 
     @triton.jit
     def _router_bwd_kernel(x_ptr, probs_ptr, map_ptr, gp_ptr, gs_ptr, gx_ptr, T, E, scale,
-                    PRE: tl.constexpr, HAS_GP: tl.constexpr, HAS_GS: tl.constexpr,
-                    BT: tl.constexpr, BE: tl.constexpr):
+                           PRE: tl.constexpr, HAS_GP: tl.constexpr, HAS_GS: tl.constexpr,
+                           BT: tl.constexpr, BE: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BT + tl.arange(0, BT)
         cols = tl.arange(0, BE)
@@ -177,8 +177,8 @@ class _FusedSelect(torch.autograd.Function):
         part = idx if partners is None else partners.to(device=x.device, dtype=torch.int32).contiguous()
         b = x if bias is None else bias.float().contiguous()
         _router_fwd_kernel[(n_prog,)](x, b, part, probs, rmap, idx, ssum, cnt, T, E, P, scale,
-                               K=topk, PRE=pre_softmax, HAS_BIAS=bias is not None, C2R=partners is not None,
-                               BT=BLOCK_T, BE=triton.next_power_of_2(E), BP=triton.next_power_of_2(P))
+                                      K=topk, PRE=pre_softmax, HAS_BIAS=bias is not None, C2R=partners is not None,
+                                      BT=BLOCK_T, BE=triton.next_power_of_2(E), BP=triton.next_power_of_2(P))
         rmap = rmap.bool()
         ctx.save_for_backward(x, probs, rmap)
         ctx.pre, ctx.scale, ctx.in_dtype = pre_softmax, scale, logits.dtype

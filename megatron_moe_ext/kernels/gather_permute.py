@@ -97,7 +97,6 @@ if triton is not None:
             acc += tl.load(src_ptr + row * H + cols, mask=inside & ok, other=0.0).to(ACC)
         tl.store(out_ptr + t.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
-
     @triton.jit
     def _row_gather_kernel(src_ptr, idx_ptr, valid_ptr, out_ptr, H, BH: tl.constexpr):
         # one program: row r, columns [h0, h0 + BH): src[idx[r]] where valid[r], else zeros
