@@ -245,17 +245,7 @@ def test_gather_sum_kernel_matches_reference(case):
 def test_locality_loss_kernel_matches_float64():
     import sys
 
-    import megatron_moe_ext.kernels.locality_loss as ll
-
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     import test_locality_loss_kernel as cpu
 
-    seen = []
-    real = ll._ScaledLocalityKL.apply
-    ll._ScaledLocalityKL.apply = lambda *a: seen.append(1) or real(*a)
-    try:
-        for c in cpu.CASES:
-            cpu._kernel_case(*c, device=DEV)
-    finally:
-        ll._ScaledLocalityKL.apply = real
-    assert len(seen) == len(cpu.CASES), "not the Triton kernel (is Triton importable?)"
+    cpu.check_kernel_runs(DEV)

@@ -43,8 +43,7 @@ def _free_names(fn: ast.FunctionDef) -> set:
 
 
 def _allowed(value) -> bool:
-    return (isinstance(value, (types.ModuleType, tl.constexpr, triton.runtime.JITFunction))
-            or value in (tl.constexpr,))
+    return isinstance(value, (types.ModuleType, tl.constexpr, triton.runtime.JITFunction))
 
 
 def test_kernels_were_found():

@@ -7,9 +7,9 @@ backward, plus the statistics' casts and indexed adds. In a captured router each
 microseconds, which made LocMoE's router 15-21% slower than top-k's (docs/performance.md
 section 3). `scaled_locality_kl` computes, for score sums s [E] over `count` tokens,
 
-    d_c = s / max(count, 1);   t_e = log(max(d_c_e, 1e-12)) - log D_l_e
+    d_c = s / max(count, 1);   t_e = log(max(d_c_e, f)) - log D_l_e   (f: routing/locality.D_C_FLOOR)
     loss = mu * sum_e d_c_e * t_e                     (mu * KL(D_c || D_l))
-    d loss / d s_e = mu * (t_e + [d_c_e > 1e-12]) / max(count, 1)
+    d loss / d s_e = mu * (t_e + [d_c_e > f]) / max(count, 1)
 
 in one Triton program that also stores the gradient vector and adds KL and 1 to the router's
 float64 statistics; the backward is one multiply. `scaled_locality_kl_reference` is the same in
@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_moe_ext.kernels.triton_support import tl, triton, use_triton
-from megatron_moe_ext.routing.locality import locality_kl_from_sums
+from megatron_moe_ext.routing.locality import D_C_FLOOR, locality_kl_from_sums
 
 
 def scaled_locality_kl_reference(score_sums: torch.Tensor, count: int, log_d_l: torch.Tensor, mu: float,
@@ -41,16 +41,16 @@ def scaled_locality_kl_reference(score_sums: torch.Tensor, count: int, log_d_l: 
 if triton is not None:
 
     @triton.jit
-    def _kl_kernel(s_ptr, logd_ptr, out_ptr, g_ptr, stats_ptr, E, inv_count, mu,
+    def _kl_kernel(s_ptr, logd_ptr, out_ptr, g_ptr, stats_ptr, E, inv_count, mu, floor,
                    SUM_SLOT: tl.constexpr, COUNT_SLOT: tl.constexpr, HAS_STATS: tl.constexpr,
                    BE: tl.constexpr):
         cols = tl.arange(0, BE)
         m = cols < E
         d_c = tl.load(s_ptr + cols, mask=m, other=0.0) * inv_count
-        t = tl.log(tl.maximum(d_c, 1e-12)) - tl.load(logd_ptr + cols, mask=m, other=0.0)
+        t = tl.log(tl.maximum(d_c, floor)) - tl.load(logd_ptr + cols, mask=m, other=0.0)
         kl = tl.sum(tl.where(m, d_c * t, 0.0), axis=0)
         tl.store(out_ptr, mu * kl)
-        tl.store(g_ptr + cols, mu * (t + (d_c > 1e-12).to(tl.float32)) * inv_count, mask=m)
+        tl.store(g_ptr + cols, mu * (t + (d_c > floor).to(tl.float32)) * inv_count, mask=m)
         if HAS_STATS:   # one program: plain read-modify-writes, no atomics needed
             tl.store(stats_ptr + SUM_SLOT, tl.load(stats_ptr + SUM_SLOT) + kl.to(tl.float64))
             tl.store(stats_ptr + COUNT_SLOT, tl.load(stats_ptr + COUNT_SLOT) + 1.0)
@@ -64,7 +64,7 @@ class _ScaledLocalityKL(torch.autograd.Function):
         out = torch.empty((), dtype=torch.float32, device=s.device)
         g = torch.empty_like(s)
         _kl_kernel[(1,)](s, log_d_l.float().contiguous(), out, g, s if stats is None else stats,
-                         E, 1.0 / max(count, 1), float(mu),
+                         E, 1.0 / max(count, 1), float(mu), D_C_FLOOR,
                          SUM_SLOT=stat_slots[0], COUNT_SLOT=stat_slots[1], HAS_STATS=stats is not None,
                          BE=triton.next_power_of_2(E))
         ctx.save_for_backward(g)

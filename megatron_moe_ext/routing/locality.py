@@ -78,6 +78,9 @@ def locality_kl(probs: torch.Tensor, log_d_l: torch.Tensor,
     return locality_kl_from_sums(sums, count, log_d_l, pool=pool)
 
 
+D_C_FLOOR = 1e-12   # D_c is clamped here inside the log: an expert no token scored adds 0, not NaN
+
+
 def locality_kl_from_sums(sums: torch.Tensor, count: torch.Tensor, log_d_l: torch.Tensor,
                           pool: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """`locality_kl` from the scores' column sums: sums [E] (or [V * E], one block per source) and
@@ -89,9 +92,9 @@ def locality_kl_from_sums(sums: torch.Tensor, count: torch.Tensor, log_d_l: torc
         sums, count = pooled[:-n], pooled[-n:].detach()
     if log_d_l.dim() == 1:
         d_c = sums / count.clamp_min(1.0)
-        return (d_c * (torch.log(d_c.clamp_min(1e-12)) - log_d_l)).sum()
+        return (d_c * (torch.log(d_c.clamp_min(D_C_FLOOR)) - log_d_l)).sum()
     d_c = sums.reshape(log_d_l.shape) / count.clamp_min(1.0).unsqueeze(-1)
-    return (d_c * (torch.log(d_c.clamp_min(1e-12)) - log_d_l)).sum() / log_d_l.shape[0]
+    return (d_c * (torch.log(d_c.clamp_min(D_C_FLOOR)) - log_d_l)).sum() / log_d_l.shape[0]
 
 
 def grap_gate_weight(num_experts: int, hidden_size: int, dtype=torch.float32) -> torch.Tensor:
